@@ -1,0 +1,103 @@
+"""Load a FLUX pipeline by registry name or local directory, on a device, optionally offloaded.
+
+pipe, spec = load_pipeline("flux-tiny")                       # built in code, CPU, float32
+pipe, spec = load_pipeline("flux-dev", device="cuda", offload="model")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
+from flux_ir.models.registry import ModelSpec, resolve_model, write_sidecar
+from flux_ir.models.tiny import build_tiny_pipeline
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (FLUX's training dtype), float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def normalize_offload(offload: bool | str | None) -> str:
+    """Map the CLI's `--offload` (flag or mode name) to one of OFFLOAD_MODES."""
+    if offload is None or offload is False:
+        return "none"
+    if offload is True:
+        return "model"
+    if isinstance(offload, str) and offload in OFFLOAD_MODES:
+        return offload
+    raise InvalidArgumentError(
+        f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)} (or --offload for 'model')."
+    )
+
+
+def load_pipeline(
+    model: str | ModelSpec,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    offload: bool | str | None = None,
+) -> tuple[FluxPipeline, ModelSpec]:
+    """Return `(pipe, spec)`: the pipeline on `device` (or offloaded to it) in `dtype`.
+
+    Raises ModelUnavailableError with the ways out when weights cannot be had.
+    """
+    spec = resolve_model(model) if isinstance(model, str) else model
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    mode = normalize_offload(offload)
+    if spec.source == "builtin":
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = _from_pretrained(spec, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    place_pipeline(pipe, device, mode)
+    return pipe, spec
+
+
+def place_pipeline(pipe: FluxPipeline, device: str, offload: str = "none") -> None:
+    """Move `pipe` to `device`, or offload it there with diffusers' CPU offload hooks."""
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise InvalidArgumentError(f"unknown offload mode {offload!r}")
+
+
+def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> FluxPipeline:
+    local = Path(spec.source).is_dir()
+    try:
+        return FluxPipeline.from_pretrained(spec.source, dtype=dtype)
+    except Exception as err:  # hub/network/gating errors come in many classes
+        if local:
+            raise ModelUnavailableError(
+                f"could not load the pipeline in {spec.source}: {err}. Is it a complete "
+                "FluxPipeline saved with save_pretrained?"
+            ) from err
+        raise ModelUnavailableError(
+            f"could not load {spec.name} ({spec.source}) weights: {type(err).__name__}. Ways out:\n"
+            f"  - log in (`hf auth login`) and accept the model's licence on its hub page, with network access;\n"
+            f"  - download it elsewhere and pass the local directory: --model /path/to/{spec.source.split('/')[-1]};\n"
+            f"  - or run offline on the miniature: --model flux-tiny"
+        ) from err
+
+
+def save_pipeline(pipe: FluxPipeline, directory: str | Path, spec: ModelSpec) -> Path:
+    """`save_pretrained` plus a sidecar with flux-ir's defaults; `--model <directory>` loads it."""
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    write_sidecar(spec, directory)
+    return directory

@@ -1,0 +1,118 @@
+"""Known FLUX.1 models and their defaults (steps, guidance, T5 sequence length).
+
+spec = resolve_model("flux-dev")          # registry name
+spec = resolve_model("/path/to/pipeline")  # a local diffusers FluxPipeline directory
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from flux_ir.errors import InvalidArgumentError
+
+SIDECAR = "flux_ir_model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how it samples by default.
+
+    `guidance` is None for models without a guidance embedding (FLUX.1-schnell): the value is ignored.
+    `source` is a hub repository id, a local directory, or "builtin" for models built in code.
+    """
+
+    name: str
+    source: str
+    num_steps: int
+    guidance: float | None
+    max_sequence_length: int
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "flux-schnell": ModelSpec(
+        "flux-schnell",
+        "black-forest-labs/FLUX.1-schnell",
+        num_steps=4,
+        guidance=None,
+        max_sequence_length=256,
+        description="FLUX.1-schnell, timestep-distilled, 4 steps, no guidance embedding",
+    ),
+    "flux-dev": ModelSpec(
+        "flux-dev",
+        "black-forest-labs/FLUX.1-dev",
+        num_steps=50,
+        guidance=3.5,
+        max_sequence_length=512,
+        description="FLUX.1-dev, guidance-distilled (gated: accept the licence on the hub)",
+    ),
+    "flux-dev-krea": ModelSpec(
+        "flux-dev-krea",
+        "black-forest-labs/FLUX.1-Krea-dev",
+        num_steps=50,
+        guidance=4.5,
+        max_sequence_length=512,
+        description="FLUX.1-Krea-dev, KREA fine-tune of FLUX.1-dev (gated)",
+    ),
+    "flux-tiny": ModelSpec(
+        "flux-tiny",
+        "builtin",
+        num_steps=4,
+        guidance=3.5,
+        max_sequence_length=32,
+        description="miniature FLUX built in code, random weights, runs offline on a CPU",
+    ),
+}
+
+
+def is_local_pipeline_dir(path: str | Path) -> bool:
+    """True if `path` is a directory holding a diffusers pipeline (`model_index.json`)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / "model_index.json").is_file()
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """Return the spec for a registry name or a local diffusers Flux pipeline directory.
+
+    Raises InvalidArgumentError (before anything loads) for an unknown name.
+    """
+    if model in REGISTRY:
+        return REGISTRY[model]
+    path = Path(model).expanduser()
+    if is_local_pipeline_dir(path):
+        return _spec_from_directory(path)
+    known = ", ".join(REGISTRY)
+    if path.exists():
+        raise InvalidArgumentError(
+            f"--model {model!r} is a path but holds no diffusers pipeline (no model_index.json). "
+            f"Save one with `pipe.save_pretrained(dir)`, or pick a registry model: {known}."
+        )
+    raise InvalidArgumentError(
+        f"unknown model {model!r}. Choose one of: {known}, or pass a local directory that "
+        "holds a diffusers FluxPipeline (saved with save_pretrained)."
+    )
+
+
+def _spec_from_directory(path: Path) -> ModelSpec:
+    """Defaults for a local directory: its flux-ir sidecar if present, else from its config."""
+    sidecar = path / SIDECAR
+    if sidecar.is_file():
+        data = json.loads(sidecar.read_text())
+        base = ModelSpec(**{k: data[k] for k in ModelSpec.__dataclass_fields__ if k in data})
+        return replace(base, source=str(path.resolve()))
+    transformer_cfg = path / "transformer" / "config.json"
+    has_guidance = False
+    if transformer_cfg.is_file():
+        has_guidance = bool(json.loads(transformer_cfg.read_text()).get("guidance_embeds", False))
+    like = REGISTRY["flux-dev" if has_guidance else "flux-schnell"]
+    return replace(like, name=path.resolve().name, source=str(path.resolve()), description="")
+
+
+def write_sidecar(spec: ModelSpec, directory: str | Path) -> None:
+    """Record `spec` beside a saved pipeline so `resolve_model(directory)` keeps its defaults."""
+    (Path(directory) / SIDECAR).write_text(json.dumps(spec.to_dict(), indent=2))
