@@ -1,0 +1,9 @@
+"""Capture: hooks on every FLUX block, and the `Capture` they produce."""
+
+from flux_ir.capture.copy import HostCopier, SyncCopier
+from flux_ir.capture.options import GenerationOptions
+from flux_ir.capture.result import Capture
+from flux_ir.capture.run import run_capture
+from flux_ir.capture.trace import BlockTrace
+
+__all__ = ["BlockTrace", "Capture", "GenerationOptions", "HostCopier", "SyncCopier", "run_capture"]

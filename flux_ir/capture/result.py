@@ -1,0 +1,99 @@
+"""`Capture`: one run's block outputs, denoising context and metadata, in the original tool's schema.
+
+    cap = flux_ir.load_capture("capture_20260101_120000_flux-dev.pt")
+    cap["single", 37]          # list over steps of [B, L + N, D] tensors ([txt; img])
+    cap["double", 3, 0]        # (img [B, N, D], txt [B, L, D]) at step 0
+    cap.image_tokens("double", 3, step=0)   # [B, N, D]
+
+`cap.to_dict()` is exactly what `torch.load(path)` returns: `double_blocks`, `single_blocks`,
+`denoising_context`, `metadata` (plus `double_blocks_uncond` / `single_blocks_uncond` when true
+CFG ran). Keys are `block_{i}`; lists are indexed by position among the captured steps, and
+`metadata["captured_steps"]` maps positions to denoising step indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KINDS = ("double", "single")
+
+
+@dataclass
+class Capture:
+    double_blocks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    single_blocks: dict[str, list[torch.Tensor]]
+    denoising_context: dict[str, Any]
+    metadata: dict[str, Any]
+    double_blocks_uncond: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict
+    )
+    single_blocks_uncond: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    # -- schema ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "double_blocks": self.double_blocks,
+            "single_blocks": self.single_blocks,
+            "denoising_context": self.denoising_context,
+            "metadata": self.metadata,
+        }
+        if self.double_blocks_uncond or self.single_blocks_uncond:
+            out["double_blocks_uncond"] = self.double_blocks_uncond
+            out["single_blocks_uncond"] = self.single_blocks_uncond
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Capture:
+        return cls(
+            double_blocks=data["double_blocks"],
+            single_blocks=data["single_blocks"],
+            denoising_context=data["denoising_context"],
+            metadata=data["metadata"],
+            double_blocks_uncond=data.get("double_blocks_uncond", {}),
+            single_blocks_uncond=data.get("single_blocks_uncond", {}),
+        )
+
+    # -- guessable access ------------------------------------------------------------------------
+    def blocks(self, kind: str, uncond: bool = False) -> dict:
+        if kind not in KINDS:
+            raise KeyError(f"block kind must be one of {KINDS}, not {kind!r}")
+        if kind == "double":
+            return self.double_blocks_uncond if uncond else self.double_blocks
+        return self.single_blocks_uncond if uncond else self.single_blocks
+
+    def __getitem__(self, key: tuple):
+        kind, index, *rest = key
+        per_step = self.blocks(kind)[f"block_{index}"]
+        return per_step[rest[0]] if rest else per_step
+
+    @property
+    def block_indices(self) -> dict[str, list[int]]:
+        """Captured block indices per kind, in depth order."""
+        return {kind: sorted(int(k.split("_")[1]) for k in self.blocks(kind)) for kind in KINDS}
+
+    @property
+    def captured_steps(self) -> list[int]:
+        return list(self.metadata.get("captured_steps", range(self.metadata["num_steps"])))
+
+    @property
+    def has_uncond(self) -> bool:
+        return bool(self.double_blocks_uncond or self.single_blocks_uncond)
+
+    def image_tokens(self, kind: str, index: int, step: int, uncond: bool = False) -> torch.Tensor:
+        """Image-token hidden states [B, N, D] of a block at denoising step `step`."""
+        pos = self.step_position(step)
+        out = self.blocks(kind, uncond)[f"block_{index}"][pos]
+        if kind == "double":
+            return out[0]
+        key = "txt_seq_len_uncond" if uncond else "txt_seq_len"
+        txt_len = self.denoising_context[key][step]
+        return out[:, txt_len:]
+
+    def step_position(self, step: int) -> int:
+        steps = self.captured_steps
+        if step not in steps:
+            raise KeyError(f"step {step} was not captured (captured steps: {steps})")
+        return steps.index(step)

@@ -1,0 +1,146 @@
+"""Forward hooks that record every FLUX block's output at every denoising step.
+
+    with BlockTrace(pipe.transformer) as trace:
+        pipe(prompt, num_inference_steps=4)
+    records = trace.records        # {"cond": PassRecord, "uncond": PassRecord (true CFG only)}
+
+Hooks are registered on `transformer_blocks[i]` and `single_transformer_blocks[i]` when the context is
+entered and always removed when it exits (also on exceptions and Ctrl-C). Each transformer call is one
+*pass*; with true CFG diffusers makes two per step, the conditional first, so pass k of a run belongs to
+step `k // passes_per_step` and is `"cond"` or `"uncond"` by `k % passes_per_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flux_ir.capture.copy import HostCopier, SyncCopier
+
+PASS_NAMES = ("cond", "uncond")
+
+
+@dataclass
+class PassRecord:
+    """Everything recorded for one kind of transformer pass ("cond" or "uncond"), step by step.
+
+    double[i][k] = (img [B, N, D], txt [B, L, D]); single[i][k] = (txt [B, L, D], img [B, N, D]).
+    img_state[k]: packed latents fed to the model [B, N, 64]; y[k]: pooled CLIP [B, P];
+    temb[k]: conditioning embedding [B, D]; txt_seq_len[k]: L; steps: captured step indices.
+    """
+
+    double: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    single: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    img_state: list[torch.Tensor] = field(default_factory=list)
+    y: list[torch.Tensor] = field(default_factory=list)
+    temb: list[torch.Tensor] = field(default_factory=list)
+    txt_seq_len: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+
+class BlockTrace:
+    """Context manager recording block outputs and the denoising context of a FLUX transformer.
+
+    Args:
+        transformer: a diffusers `FluxTransformer2DModel`.
+        double_blocks / single_blocks: indices to record (None: all, []: none).
+        steps: step indices to record (None: all). Context is recorded for every step.
+        passes_per_step: 2 when the pipeline runs true CFG (cond + uncond), else 1.
+        copier: how tensors reach the host (default: synchronous copy to CPU).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        double_blocks: Iterable[int] | None = None,
+        single_blocks: Iterable[int] | None = None,
+        steps: Iterable[int] | None = None,
+        passes_per_step: int = 1,
+        copier: HostCopier | None = None,
+    ):
+        self.transformer = transformer
+        n_double = len(transformer.transformer_blocks)
+        n_single = len(transformer.single_transformer_blocks)
+        self.double_idx = _check_indices(double_blocks, n_double, "double")
+        self.single_idx = _check_indices(single_blocks, n_single, "single")
+        self.steps = None if steps is None else set(steps)
+        if passes_per_step not in (1, 2):
+            raise ValueError("passes_per_step must be 1 or 2")
+        self.passes_per_step = passes_per_step
+        self.copier = copier or SyncCopier()
+        self.records: dict[str, PassRecord] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls = 0
+        self._current: PassRecord | None = None
+        self._recording_blocks = False
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> BlockTrace:
+        t = self.transformer
+        self._handles.append(t.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self._handles.append(t.time_text_embed.register_forward_hook(self._on_temb))
+        for i in self.double_idx:
+            self._handles.append(
+                t.transformer_blocks[i].register_forward_hook(self._block_hook("double", i))
+            )
+        for i in self.single_idx:
+            self._handles.append(
+                t.single_transformer_blocks[i].register_forward_hook(self._block_hook("single", i))
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.copier.synchronize()
+
+    @property
+    def num_steps_seen(self) -> int:
+        return self._calls // self.passes_per_step
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        step, which = divmod(self._calls, self.passes_per_step)
+        self._calls += 1
+        rec = self.records.setdefault(PASS_NAMES[which], PassRecord())
+        self._current = rec
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        enc = kwargs.get("encoder_hidden_states")
+        copy = self.copier.copy
+        rec.img_state.append(copy(hidden))
+        rec.y.append(copy(kwargs["pooled_projections"]))
+        rec.txt_seq_len.append(int(enc.shape[1]))
+        self._recording_blocks = self.steps is None or step in self.steps
+        if self._recording_blocks:
+            rec.steps.append(step)
+
+    def _on_temb(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._current.temb.append(self.copier.copy(output))
+
+    def _block_hook(self, kind: str, index: int):
+        def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            if not self._recording_blocks:
+                return
+            txt, img = output  # diffusers blocks return (encoder_hidden_states, hidden_states)
+            copy = self.copier.copy
+            store = self._current.double if kind == "double" else self._current.single
+            pair = (copy(img), copy(txt)) if kind == "double" else (copy(txt), copy(img))
+            store.setdefault(index, []).append(pair)
+
+        return hook
+
+
+def _check_indices(indices: Iterable[int] | None, n: int, kind: str) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    out = sorted(set(int(i) for i in indices))
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise ValueError(
+            f"{kind} block indices {bad} out of range: this model has {n} {kind} blocks"
+        )
+    return out
