@@ -1,0 +1,105 @@
+"""`capture_sample.py` / `flux-ir capture`: generate one image and capture every block."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from flux_ir.capture import GenerationOptions
+from flux_ir.capture.options import validate_output_dir
+from flux_ir.errors import InvalidArgumentError
+from flux_ir.lens.decode import check_target
+from flux_ir.models import load_pipeline, resolve_model
+from flux_ir.models.loading import normalize_offload
+
+
+def capture(
+    model: str = "flux-schnell",
+    width: int = 256,
+    height: int = 256,
+    prompt: str = "a beautiful landscape",
+    seed: int | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    offload: bool | str = False,
+    device: str | None = None,
+    output_dir: str = "output",
+    should_decode_intermediates: bool = True,
+    decode_target: str = "x0",
+    add_sampling_metadata: bool = True,
+    negative_prompt: str | None = None,
+    true_cfg_scale: float = 1.0,
+    decode_batch_size: int = 8,
+) -> None:
+    """Generate with FLUX while recording every double- and single-stream block at every step.
+
+    Args:
+        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, or a local diffusers FluxPipeline directory.
+        width, height: image size in pixels, multiples of 16.
+        prompt: the text prompt.
+        seed: noise seed (random if omitted; recorded in the metadata).
+        num_steps: denoising steps (model default: 4 for schnell/tiny, 50 for dev/krea).
+        guidance: distilled guidance scale (model default; ignored by schnell).
+        offload: False, True/"model" (diffusers model CPU offload) or "sequential".
+        device: cuda or cpu (default: cuda when available).
+        output_dir: where the run directory is created.
+        should_decode_intermediates: decode every block with the lens and draw the mosaic.
+        decode_target: "x0" (the clean-image estimate) or "next" (one Euler step, the original tool's).
+        add_sampling_metadata: write the prompt into the image's EXIF metadata.
+        negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when scale > 1.
+        decode_batch_size: latents per VAE decode call.
+    """
+    from flux_ir.runs import capture_to_dir
+
+    spec = resolve_model(str(model))
+    seed = random.randrange(2**31) if seed is None else seed
+    opts = GenerationOptions(
+        prompt=prompt,
+        width=width,
+        height=height,
+        num_steps=spec.num_steps if num_steps is None else num_steps,
+        seed=seed,
+        guidance=spec.guidance if guidance is None else guidance,
+        negative_prompt=negative_prompt,
+        true_cfg_scale=float(true_cfg_scale),
+        max_sequence_length=spec.max_sequence_length,
+    )
+    check_target(decode_target)
+    offload_mode = normalize_offload(offload)
+    device = check_device(device)
+    if decode_batch_size < 1:
+        raise InvalidArgumentError(f"--decode_batch_size must be >= 1, got {decode_batch_size}")
+    out = validate_output_dir(output_dir)
+
+    print(f"loading {spec.name} on {device} (offload: {offload_mode}) ...", flush=True)
+    pipe, spec = load_pipeline(spec, device=device, offload=offload_mode)
+    print(f"capturing {opts.num_steps} steps at {width}x{height}, seed {seed} ...", flush=True)
+    run_dir = capture_to_dir(
+        pipe,
+        spec,
+        opts,
+        out,
+        decode=should_decode_intermediates,
+        decode_target=decode_target,
+        decode_batch_size=decode_batch_size,
+        add_sampling_metadata=add_sampling_metadata,
+        extra_metadata={"offload": offload_mode},
+    )
+    print(f"run directory: {run_dir}")
+
+
+def check_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidArgumentError(
+            f"--device {device!r} is not a device name; use cuda, cuda:0 or cpu."
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            "--device cuda was asked for but CUDA is not available; use --device cpu."
+        )
+    return str(dev)

@@ -1,0 +1,15 @@
+"""Lens: decode each block's output as if it were the final prediction."""
+
+from flux_ir.lens.blocks import BlockStep, block_latents, block_steps, decode_capture
+from flux_ir.lens.decode import TARGETS, LensHead, decode_packed, lens_latents
+
+__all__ = [
+    "TARGETS",
+    "BlockStep",
+    "LensHead",
+    "block_latents",
+    "block_steps",
+    "decode_capture",
+    "decode_packed",
+    "lens_latents",
+]

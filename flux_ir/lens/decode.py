@@ -1,0 +1,107 @@
+"""The block lens: decode a block's output as if it were the transformer's final prediction.
+
+    head = LensHead.from_pipeline(pipe)
+    v = head.velocity(h_img, temb)                          # [B, N, 64]
+    z = lens_latents(v, img_state, t_curr, t_prev, "x0")    # packed latents [B, N, 64]
+    images = decode_packed(pipe, z, height, width)         # list of PIL images
+
+For image tokens `h` of any block, the transformer's own `norm_out(h, temb)` and `proj_out` give a
+velocity `v`. Target "x0" is the model's clean-image estimate `img_state - t_curr * v`; target "next" is
+the Euler step the scheduler takes, `img_state + (t_prev - t_curr) * v` (the original tool's lens). On
+the last block, "next" reproduces the pipeline's own next latent.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+from torch import nn
+
+from flux_ir.errors import InvalidArgumentError
+
+TARGETS = ("x0", "next")
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise InvalidArgumentError(
+            f"unknown decode target {target!r}; choose one of {', '.join(TARGETS)}."
+        )
+    return target
+
+
+@dataclass
+class LensHead:
+    """The transformer's output head (`norm_out`, `proj_out`) on the device where the lens runs.
+
+    With model CPU offload the transformer's weights rest on the CPU between calls; the head is copied
+    to the execution device so decoding never silently runs on CPU weights.
+    """
+
+    norm_out: nn.Module
+    proj_out: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def from_pipeline(cls, pipe: FluxPipeline) -> LensHead:
+        t = pipe.transformer
+        device = torch.device(pipe._execution_device)
+        params = list(t.norm_out.parameters()) + list(t.proj_out.parameters())
+        on_meta = any(p.device.type == "meta" for p in params)
+        if on_meta:  # sequential offload: accelerate's per-module hooks move weights in on call
+            return cls(t.norm_out, t.proj_out, device, t.dtype)
+        norm_out = copy.deepcopy(t.norm_out).to(device)
+        proj_out = copy.deepcopy(t.proj_out).to(device)
+        return cls(norm_out, proj_out, device, proj_out.weight.dtype)
+
+    @torch.inference_mode()
+    def velocity(self, h_img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, N, D] and conditioning [B, D] -> velocity [B, N, 64] (model dtype)."""
+        h = h_img.to(self.device, self.dtype)
+        return self.proj_out(self.norm_out(h, temb.to(self.device, self.dtype)))
+
+
+def lens_latents(
+    v: torch.Tensor,
+    img_state: torch.Tensor,
+    t_curr: float,
+    t_prev: float,
+    target: str = "x0",
+) -> torch.Tensor:
+    """Packed latents [B, N, 64] from a velocity, computed in float32 like the scheduler's step.
+
+    Returns `img_state`'s dtype on `v`'s device.
+    """
+    check_target(target)
+    x = img_state.to(v.device, torch.float32)
+    if target == "x0":
+        out = x - t_curr * v
+    else:
+        out = x + (t_prev - t_curr) * v
+    return out.to(v.dtype)
+
+
+@torch.inference_mode()
+def decode_packed(
+    pipe: FluxPipeline, packed: torch.Tensor, height: int, width: int, output_type: str = "pil"
+) -> list[Image.Image] | torch.Tensor:
+    """Packed latents [B, N, 64] -> images: unpack, undo scaling/shift, VAE-decode, post-process."""
+    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+    cfg = pipe.vae.config
+    latents = latents / cfg.scaling_factor + cfg.shift_factor
+    vae_device = _module_device(pipe, pipe.vae)
+    image = pipe.vae.decode(latents.to(vae_device, pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _module_device(pipe: FluxPipeline, module: nn.Module) -> torch.device:
+    """Where `module` computes: its parameters' device, or the pipeline's execution device when offloaded."""
+    p = next(module.parameters())
+    if p.device.type in ("meta", "cpu") and torch.device(pipe._execution_device).type != "cpu":
+        return torch.device(pipe._execution_device)
+    return p.device
