@@ -1,0 +1,170 @@
+"""What a capture holds: schema, counts, shapes, determinism, CFG passes, hook hygiene."""
+
+import pytest
+import torch
+
+from flux_ir.capture import BlockTrace, run_capture
+from flux_ir.errors import InvalidArgumentError
+
+from .conftest import SIZE, small_opts
+
+N_TOKENS = (SIZE // 16) ** 2
+
+
+def test_schema_and_counts(tiny, tiny_capture):
+    pipe, _ = tiny
+    _, cap = tiny_capture
+    n_double, n_single = (
+        len(pipe.transformer.transformer_blocks),
+        len(pipe.transformer.single_transformer_blocks),
+    )
+    assert sorted(cap.double_blocks) == sorted(f"block_{i}" for i in range(n_double))
+    assert sorted(cap.single_blocks) == sorted(f"block_{i}" for i in range(n_single))
+    dim = pipe.transformer.inner_dim
+    txt_len = cap.denoising_context["txt_seq_len"][0]
+    assert txt_len == 32
+    for steps in cap.double_blocks.values():
+        assert len(steps) == 4
+        for img, txt in steps:
+            assert img.shape == (1, N_TOKENS, dim) and txt.shape == (1, txt_len, dim)
+            assert img.dtype == torch.float32 and img.device.type == "cpu"
+    for steps in cap.single_blocks.values():
+        assert len(steps) == 4
+        assert all(h.shape == (1, txt_len + N_TOKENS, dim) for h in steps)
+
+
+def test_single_block_tensor_is_txt_then_img(tiny):
+    pipe, _ = tiny
+    trace = BlockTrace(pipe.transformer, double_blocks=[], single_blocks=[0])
+    with trace, torch.inference_mode():
+        pipe(
+            "x",
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=1,
+            max_sequence_length=32,
+            guidance_scale=3.5,
+            generator=torch.Generator().manual_seed(1),
+        )
+    txt, img = trace.records["cond"].single[0][0]
+    _, cap = run_capture(
+        pipe, small_opts(num_steps=1, prompt="x"), single_blocks=[0], double_blocks=[]
+    )
+    assert torch.equal(cap["single", 0, 0], torch.cat([txt, img], dim=1))
+
+
+def test_denoising_context_lengths(tiny_capture):
+    _, cap = tiny_capture
+    ctx = cap.denoising_context
+    for key in ("y", "img_state", "timestep_pairs", "txt_seq_len", "temb"):
+        assert len(ctx[key]) == 4, key
+    assert ctx["img_state"][0].shape == (1, N_TOKENS, 64)
+    assert ctx["final_latents"].shape == (1, N_TOKENS, 64)
+    assert ctx["y"][0].shape == (1, 32)
+    pairs = ctx["timestep_pairs"]
+    assert pairs[0][0] == pytest.approx(1.0) and pairs[-1][1] == 0.0
+    assert all(a[1] == b[0] for a, b in zip(pairs, pairs[1:]))  # t_prev of k is t_curr of k+1
+    assert ctx["guidance"] == 3.5
+
+
+def test_metadata_fields(tiny_capture):
+    _, cap = tiny_capture
+    md = cap.metadata
+    for key in (
+        "model",
+        "prompt",
+        "width",
+        "height",
+        "num_steps",
+        "seed",
+        "guidance",
+        "timesteps",
+        "dtype",
+        "versions",
+        "timestamp",
+        "run_id",
+    ):
+        assert key in md, key
+    assert md["model"] == "flux-tiny" and md["num_steps"] == 4 and md["seed"] == 1
+    assert len(md["timesteps"]) == 4 and {"torch", "diffusers", "transformers"} <= set(
+        md["versions"]
+    )
+
+
+def test_same_seed_gives_identical_capture(tiny, tiny_capture):
+    pipe, _ = tiny
+    _, again = run_capture(pipe, small_opts())
+    _, ref = tiny_capture
+    for k, steps in ref.single_blocks.items():
+        assert all(torch.equal(a, b) for a, b in zip(steps, again.single_blocks[k]))
+    _, other = run_capture(pipe, small_opts(seed=2), single_blocks=[0], double_blocks=[])
+    assert not torch.equal(other["single", 0, 0], ref["single", 0, 0])
+
+
+def test_batch_of_two_keeps_the_batch_dimension(tiny):
+    pipe, _ = tiny
+    images, cap = run_capture(pipe, small_opts(num_images=2, num_steps=2))
+    assert len(images) == 2
+    assert cap["double", 0, 0][0].shape[0] == 2 and cap["single", 1, 1].shape[0] == 2
+    assert cap.denoising_context["img_state"][1].shape[0] == 2
+
+
+def test_true_cfg_passes_are_kept_apart(tiny_capture, cfg_capture):
+    _, plain = tiny_capture
+    cap = cfg_capture
+    assert cap.has_uncond
+    assert all(len(v) == 4 for v in cap.single_blocks.values())  # one entry per step, not two
+    assert all(len(v) == 4 for v in cap.single_blocks_uncond.values())
+    # step 0 sees the same latents, so the cond pass matches a run without CFG, the uncond one does not
+    assert torch.equal(cap["single", 3, 0], plain["single", 3, 0])
+    assert not torch.equal(cap.single_blocks_uncond["block_3"][0], plain["single", 3, 0])
+    assert len(cap.denoising_context["temb_uncond"]) == 4
+
+
+def test_selected_blocks_and_steps(tiny):
+    pipe, _ = tiny
+    _, cap = run_capture(pipe, small_opts(), double_blocks=[1], single_blocks=[0, 2], steps=[0, 3])
+    assert sorted(cap.double_blocks) == ["block_1"] and sorted(cap.single_blocks) == [
+        "block_0",
+        "block_2",
+    ]
+    assert all(len(v) == 2 for v in cap.single_blocks.values())
+    assert cap.captured_steps == [0, 3]
+    assert cap.image_tokens("single", 2, step=3).shape == (1, N_TOKENS, pipe.transformer.inner_dim)
+    with pytest.raises(KeyError, match="not captured"):
+        cap.image_tokens("single", 2, step=1)
+
+
+def test_hooks_are_removed_after_an_exception(tiny):
+    pipe, _ = tiny
+    modules = [
+        pipe.transformer,
+        *pipe.transformer.transformer_blocks,
+        *pipe.transformer.single_transformer_blocks,
+    ]
+    before = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules]
+    with pytest.raises(KeyboardInterrupt):
+        with BlockTrace(pipe.transformer):
+            assert len(pipe.transformer.transformer_blocks[0]._forward_hooks) > 0
+            raise KeyboardInterrupt
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules] == before
+
+
+def test_block_index_out_of_range(tiny):
+    pipe, _ = tiny
+    with pytest.raises(ValueError, match="has 4 single blocks"):
+        BlockTrace(pipe.transformer, single_blocks=[9])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(width=100), "multiple of 16"),
+        (dict(height=0), "multiple of 16"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(true_cfg_scale=0.5), "true_cfg_scale"),
+    ],
+)
+def test_bad_generation_options(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        small_opts(**kwargs)

@@ -1,0 +1,86 @@
+"""Capture files: plain torch.load, the README example, atomic writes, clear errors on bad files."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux_ir.errors import CaptureFileError
+from flux_ir.store import load_capture, save_capture
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_capture, tmp_path_factory):
+    _, cap = tiny_capture
+    path = tmp_path_factory.mktemp("cap") / "capture_20260101_000000_flux-tiny.pt"
+    save_capture(cap, path)
+    return path, cap
+
+
+def test_plain_torch_load_returns_the_original_schema(saved):
+    path, cap = saved
+    data = torch.load(path, weights_only=True)
+    assert set(data) == {"double_blocks", "single_blocks", "denoising_context", "metadata"}
+    img, txt = data["double_blocks"]["block_0"][0]
+    assert isinstance(data["double_blocks"]["block_0"][0], tuple)
+    assert torch.equal(img, cap["double", 0, 0][0])
+    assert torch.equal(data["single_blocks"]["block_3"][2], cap["single", 3, 2])
+
+
+def test_load_capture_round_trip(saved):
+    path, cap = saved
+    loaded = load_capture(path)
+    assert loaded.metadata == cap.metadata
+    assert torch.equal(loaded.denoising_context["temb"][1], cap.denoising_context["temb"][1])
+
+
+def test_readme_loading_example_runs_verbatim(saved):
+    path, _ = saved
+    text = README.read_text()
+    block = re.search(r"```python\n(import torch\n.*?)```", text, re.S)
+    assert block, "README lost its loading example"
+    code = block.group(1)
+    assert "capture_YYYYMMDD_HHMMSS_flux-schnell.pt" in code
+    code = re.sub(r'"output/[^"]*capture_YYYYMMDD_HHMMSS_flux-schnell\.pt"', repr(str(path)), code)
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_save_leaves_no_temporary_files(saved):
+    path, _ = saved
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_truncated_file_gives_a_clear_error(saved, tmp_path):
+    path, _ = saved
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CaptureFileError, match="truncated or corrupted"):
+        load_capture(bad)
+
+
+def test_garbage_and_foreign_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a capture at all")
+    with pytest.raises(CaptureFileError, match="junk.pt"):
+        load_capture(junk)
+    foreign = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CaptureFileError, match="not a flux-ir capture"):
+        load_capture(foreign)
+    with pytest.raises(CaptureFileError, match="no capture file"):
+        load_capture(tmp_path / "missing.pt")
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    evil = tmp_path / "evil.pt"
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"double_blocks": Boom()}, evil)
+    with pytest.raises(CaptureFileError):
+        load_capture(evil)
