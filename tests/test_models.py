@@ -7,6 +7,7 @@ from flux_ir.capture import run_capture
 from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
 from flux_ir.models import (
     REGISTRY,
+    build_random_pipeline,
     build_tiny_pipeline,
     load_pipeline,
     resolve_model,
@@ -107,3 +108,25 @@ def test_model_offload_records_the_same_tensors(tiny_capture):
             for a, b in zip(steps, cap.blocks(kind)[key]):
                 a, b = (a, b) if kind == "single" else (torch.cat(a, 1), torch.cat(b, 1))
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, guidance", [("flux-schnell", False), ("flux-dev", True)])
+def test_random_weights_build_the_full_flux_architecture(name, guidance):
+    pipe = build_random_pipeline(REGISTRY[name], device="meta", dtype=torch.bfloat16)
+    t = pipe.transformer
+    assert len(t.transformer_blocks) == 19 and len(t.single_transformer_blocks) == 38
+    assert t.inner_dim == 3072 and t.config.guidance_embeds is guidance
+    assert sum(p.numel() for p in t.parameters()) == pytest.approx(11.9e9, rel=0.01)
+    assert (
+        pipe.text_encoder_2.config.d_model == 4096 and pipe.text_encoder.config.hidden_size == 768
+    )
+    assert pipe.vae.config.block_out_channels == (128, 256, 512, 512) or list(
+        pipe.vae.config.block_out_channels
+    ) == [128, 256, 512, 512]
+    assert next(t.parameters()).dtype == torch.bfloat16
+    assert pipe.scheduler.config.use_dynamic_shifting is guidance
+
+
+def test_unknown_weights_kind_is_refused():
+    with pytest.raises(InvalidArgumentError, match="pretrained, random"):
+        load_pipeline("flux-tiny", device="cpu", weights="zeros")

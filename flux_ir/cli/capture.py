@@ -11,7 +11,7 @@ from flux_ir.capture.options import validate_output_dir
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens.decode import check_target
 from flux_ir.models import load_pipeline, resolve_model
-from flux_ir.models.loading import normalize_offload
+from flux_ir.models.loading import check_weights, normalize_offload
 
 
 def capture(
@@ -31,6 +31,7 @@ def capture(
     negative_prompt: str | None = None,
     true_cfg_scale: float = 1.0,
     decode_batch_size: int = 8,
+    weights: str = "pretrained",
 ) -> None:
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
@@ -49,6 +50,7 @@ def capture(
         add_sampling_metadata: write the prompt into the image's EXIF metadata.
         negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when scale > 1.
         decode_batch_size: latents per VAE decode call.
+        weights: "pretrained" or "random" (the exact architecture with random weights, no download).
     """
     from flux_ir.runs import capture_to_dir
 
@@ -67,13 +69,17 @@ def capture(
     )
     check_target(decode_target)
     offload_mode = normalize_offload(offload)
+    check_weights(weights)
     device = check_device(device)
     if decode_batch_size < 1:
         raise InvalidArgumentError(f"--decode_batch_size must be >= 1, got {decode_batch_size}")
     out = validate_output_dir(output_dir)
 
-    print(f"loading {spec.name} on {device} (offload: {offload_mode}) ...", flush=True)
-    pipe, spec = load_pipeline(spec, device=device, offload=offload_mode)
+    print(
+        f"loading {spec.name} ({weights} weights) on {device} (offload: {offload_mode}) ...",
+        flush=True,
+    )
+    pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
     print(f"capturing {opts.num_steps} steps at {width}x{height}, seed {seed} ...", flush=True)
     run_dir = capture_to_dir(
         pipe,
@@ -84,7 +90,7 @@ def capture(
         decode_target=decode_target,
         decode_batch_size=decode_batch_size,
         add_sampling_metadata=add_sampling_metadata,
-        extra_metadata={"offload": offload_mode},
+        extra_metadata={"offload": offload_mode, "weights": weights},
     )
     print(f"run directory: {run_dir}")
 

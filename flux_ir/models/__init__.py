@@ -2,18 +2,22 @@
 
 from flux_ir.models.loading import (
     OFFLOAD_MODES,
+    WEIGHTS,
     default_device,
     default_dtype,
     load_pipeline,
     save_pipeline,
 )
+from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import REGISTRY, ModelSpec, resolve_model
 from flux_ir.models.tiny import build_tiny_pipeline
 
 __all__ = [
     "OFFLOAD_MODES",
     "REGISTRY",
+    "WEIGHTS",
     "ModelSpec",
+    "build_random_pipeline",
     "build_tiny_pipeline",
     "default_device",
     "default_dtype",

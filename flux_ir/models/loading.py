@@ -12,10 +12,12 @@ import torch
 from diffusers import FluxPipeline
 
 from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
+from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import ModelSpec, resolve_model, write_sidecar
 from flux_ir.models.tiny import build_tiny_pipeline
 
 OFFLOAD_MODES = ("none", "model", "sequential")
+WEIGHTS = ("pretrained", "random")
 
 
 def default_device() -> str:
@@ -45,16 +47,22 @@ def load_pipeline(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     offload: bool | str | None = None,
+    weights: str = "pretrained",
 ) -> tuple[FluxPipeline, ModelSpec]:
     """Return `(pipe, spec)`: the pipeline on `device` (or offloaded to it) in `dtype`.
 
+    `weights="random"` builds the exact architecture with random weights (no download).
     Raises ModelUnavailableError with the ways out when weights cannot be had.
     """
     spec = resolve_model(model) if isinstance(model, str) else model
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     mode = normalize_offload(offload)
-    if spec.source == "builtin":
+    check_weights(weights)
+    if weights == "random":
+        # build where it will run; offloaded pipelines are built on the CPU
+        pipe = build_random_pipeline(spec, device if mode == "none" else "cpu", dtype)
+    elif spec.source == "builtin":
         pipe = build_tiny_pipeline()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
@@ -63,6 +71,14 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, device, mode)
     return pipe, spec
+
+
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise InvalidArgumentError(
+            f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}."
+        )
+    return weights
 
 
 def place_pipeline(pipe: FluxPipeline, device: str, offload: str = "none") -> None:
