@@ -84,3 +84,12 @@ def test_pickled_code_is_never_executed(tmp_path):
     torch.save({"double_blocks": Boom()}, evil)
     with pytest.raises(CaptureFileError):
         load_capture(evil)
+
+
+def test_top_level_names_resolve():
+    import flux_ir
+
+    for name in flux_ir.__all__:
+        assert getattr(flux_ir, name) is not None
+    with pytest.raises(AttributeError):
+        flux_ir.no_such_name  # noqa: B018
