@@ -67,6 +67,7 @@ def decode_capture(
     Lens latents of several items are VAE-decoded together in batches of `batch_size` latents.
     """
     check_target(target)
+    cap.check_image_tokens()
     head = LensHead.from_pipeline(pipe)
     items = block_steps(cap) if items is None else items
     height, width = cap.metadata["height"], cap.metadata["width"]
