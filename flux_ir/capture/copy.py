@@ -132,8 +132,9 @@ class AsyncCopier:
         if not pending:
             return
         if pending[0][0].device.type != "cuda":
-            for src, dest in pending:
-                dest.copy_(src)
+            with torch.inference_mode():  # host tensors made in hooks are inference tensors
+                for src, dest in pending:
+                    dest.copy_(src)
             return
         self._check_error()
         device = pending[0][0].device
@@ -198,8 +199,9 @@ class AsyncCopier:
             try:
                 event.synchronize()
                 del sources  # the copy is done: the device memory may be reused
-                for view, dest in views:
-                    dest.copy_(view)
+                with torch.inference_mode():
+                    for view, dest in views:
+                        dest.copy_(view)
             except BaseException as err:  # surfaced by synchronize()
                 self._error = err
             finally:
