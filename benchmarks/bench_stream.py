@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ def main() -> None:
     args = p.parse_args()
     size, steps = (64, 4) if args.smoke else (args.size, args.steps)
     scratch = Path(tempfile.mkdtemp(prefix="flux_ir_stream_", dir=args.scratch))
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # so `finally` deletes the shards
     try:
         pipe, spec = pipeline(args.model, args.smoke)
         base_rss = proc_status("VmRSS")  # the model's (conservative: taken before any capture)
@@ -75,6 +78,7 @@ def main() -> None:
             for t in (v if isinstance(v, tuple) else (v,))
         )
         del probe
+        disk_Bps = disk_write_speed(scratch, (64 << 20) if args.smoke else (4 << 30))
         free = shutil.disk_usage(scratch).free
         fit = max(1, min(steps, int((free - (4 << 30)) / per_step) if per_step else steps))
         if fit < steps:
@@ -111,7 +115,6 @@ def main() -> None:
         t1 = time.perf_counter()
         one = lazy["single", 37 if not args.smoke else 1, fit - 1]
         read_one_s = time.perf_counter() - t1
-        disk_Bps = disk_write_speed(scratch, (64 << 20) if args.smoke else (4 << 30))
         result = dict(
             model=spec.name,
             size=size,
