@@ -14,8 +14,11 @@ in the same process, on the same model, interleaved per shape; the ratio is to `
   + record_stream, no drain to pageable memory.
 - async: flux-ir's AsyncCopier (batched side-stream copies into reused pinned slabs, one event per
   group, background drain into pageable host tensors).
+- async_nodrain (diagnostic): async without the background pinned -> pageable copy (data discarded).
 - async_img: async, image tokens only. async_sel: 9 blocks, image tokens, 2x2 pooled, bf16.
-All blocks, both streams, every step unless named otherwise.
+All blocks, both streams, every step unless named otherwise. main_cpu_ms: CPU time of the main
+(launching) thread per step; when it is close to step_ms the step is CPU launch-bound and any
+Python work in hooks adds to the step time one for one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ class PerTensorAsyncCopier:
     def synchronize(self) -> None:
         self.stream.synchronize()
         self.i = 0
+
+
+class NoDrainCopier(AsyncCopier):
+    """Diagnostic: AsyncCopier whose background thread skips the pinned -> pageable copy."""
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if item[0] == "fence":
+                item[1].set()
+                continue
+            item[1].synchronize()
+            self.pool.release(item[2])
+            item = None
 
 
 def captured_bytes(trace: BlockTrace) -> int:
@@ -127,10 +143,12 @@ def main() -> None:
         ),
     }
     if cuda:
+        configs["async_nodrain"] = lambda: BlockTrace(pipe.transformer, copier=nodrain_copier)
         configs["async_per_tensor"] = lambda: BlockTrace(
             pipe.transformer, copier=PerTensorAsyncCopier()
         )
     async_copier = AsyncCopier()
+    nodrain_copier = NoDrainCopier() if cuda else None
     for size, batch in shapes:
         grid = (size // 16, size // 16)
         with torch.inference_mode():
@@ -161,14 +179,15 @@ def main() -> None:
         res = {}
         for name, make in configs.items():
             generate(make())  # warm-up (pinned pools, allocator, autotuning)
-            times, gpu_times = [], []
+            times, gpu_times, cpu_times = [], [], []
             for _ in range(1 if args.smoke else args.repeats):
                 ctx = make()
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 ctx, t_gpu = generate(ctx)
                 sync()
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.thread_time() - c0)
                 gpu_times.append(t_gpu - t0)
             nbytes = captured_bytes(ctx) if isinstance(ctx, BlockTrace) else 0
             del ctx
@@ -177,6 +196,7 @@ def main() -> None:
                 "median_s": med,
                 "times_s": times,
                 "until_pipe_returned_s": sorted(gpu_times)[len(gpu_times) // 2],
+                "main_thread_cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
                 "captured_GB_per_step": nbytes / steps / 1e9,
             }
             print(shape_key, name, f"{med:.3f}s", flush=True)
@@ -189,6 +209,7 @@ def main() -> None:
                     config=name,
                     step_ms=1000 * r["median_s"] / steps,
                     ratio=r["ratio"],
+                    main_cpu_ms=1000 * r["main_thread_cpu_s"] / steps,
                     GB_per_step=r["captured_GB_per_step"],
                 )
             )
@@ -196,10 +217,12 @@ def main() -> None:
         write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE)
         torch.cuda.empty_cache() if cuda else None
     async_copier.close()
+    if nodrain_copier is not None:
+        nodrain_copier.close()
     print(write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE))
 
 
-COLUMNS = ["shape", "config", "step_ms", "ratio", "GB_per_step"]
+COLUMNS = ["shape", "config", "step_ms", "ratio", "main_cpu_ms", "GB_per_step"]
 
 if __name__ == "__main__":
     main()
