@@ -100,7 +100,7 @@ class AsyncCopier:
         self,
         dtype: torch.dtype | None = None,
         group_bytes: int = 64 << 20,
-        pool_bytes: int = 2 << 30,
+        pool_bytes: int = 1 << 30,
     ):
         self.dtype = dtype
         self.group_bytes = group_bytes
@@ -151,7 +151,7 @@ class AsyncCopier:
                 view.copy_(src, non_blocking=True)
                 views.append((view, dest))
                 off += n
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the drain thread sleeps, not spins
             event.record(stream)
         self._start_thread()
         self._queue.put(("copy", event, slab, views, [s for s, _ in pending]))
