@@ -8,7 +8,9 @@ eager and then with every block's `forward` compiled (`flux_ir.models.compile.co
 fullgraph, inductor), each without and with a capture of every block (async copier). "first_s" is the
 first generation (compilation included for the first compiled one); "step_ms" is the median of 3 runs
 after it; "new graphs" counts graphs compiled after the first run of that configuration (0: no
-recompilation per step or per run); the ratio is to eager without capture.
+recompilation per step or per run); "graphs_total" counts all graphs compiled so far (2 expected: one
+per block class, shared by all blocks; many more would mean per-block recompiles); the ratio is to
+eager without capture.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def main() -> None:
     print(write_results(args.out, "compile", result, rows, COLUMNS, NOTE))
 
 
-COLUMNS = ["config", "first_s", "step_ms", "ratio", "new_graphs"]
+COLUMNS = ["config", "first_s", "step_ms", "ratio", "new_graphs", "graphs_total"]
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
     size, steps = (64, 4) if args.smoke else (args.size, args.steps)
     scratch = Path(tempfile.mkdtemp(prefix="flux_ir_stream_", dir=args.scratch))
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # so `finally` deletes the shards
+    previous = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # `finally` deletes shards
     try:
         pipe, spec = pipeline(args.model, args.smoke)
         base_rss = proc_status("VmRSS")  # the model's (conservative: taken before any capture)
@@ -139,6 +139,7 @@ def main() -> None:
         print(write_results(args.out, "stream_store", result, [row], COLUMNS, NOTE))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 COLUMNS = [
