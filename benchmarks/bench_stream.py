@@ -53,6 +53,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--scratch", default=None, help="directory for the shards (default: a temp dir)")
+    p.add_argument(
+        "--time_budget",
+        type=float,
+        default=110.0,
+        help="fewer steps (reported) when the disk would need longer than this for all of them",
+    )
     args = p.parse_args()
     size, steps = (64, 4) if args.smoke else (args.size, args.steps)
     scratch = Path(tempfile.mkdtemp(prefix="flux_ir_stream_", dir=args.scratch))
@@ -81,8 +87,25 @@ def main() -> None:
         disk_Bps = disk_write_speed(scratch, (64 << 20) if args.smoke else (4 << 30))
         free = shutil.disk_usage(scratch).free
         fit = max(1, min(steps, int((free - (4 << 30)) / per_step) if per_step else steps))
-        if fit < steps:
-            print(f"only {free / 1e9:.0f} GB free: capturing {fit} of {steps} steps", flush=True)
+        by_time = max(1, int(args.time_budget * disk_Bps / per_step)) if per_step else steps
+        if min(fit, by_time) < steps:
+            print(
+                f"{free / 1e9:.0f} GB free, disk {disk_Bps / 1e9:.2f} GB/s: capturing "
+                f"{min(fit, by_time)} of {steps} steps",
+                flush=True,
+            )
+        fit = min(fit, by_time)
+        partial = dict(
+            status="started",
+            model=spec.name,
+            size=size,
+            steps=fit,
+            steps_requested=steps,
+            GB_per_step=per_step / 1e9,
+            disk_seq_write_GBps=disk_Bps / 1e9,
+            free_disk_GB=free / 1e9,
+        )
+        write_results(args.out, "stream_store", partial, [partial], COLUMNS[:1], NOTE)
         opts = GenerationOptions(**{**opts.to_dict(), "num_steps": fit})
         with torch.inference_mode():  # (the 1-step probe above was the warm-up)
             sync()
@@ -116,6 +139,8 @@ def main() -> None:
         one = lazy["single", 37 if not args.smoke else 1, fit - 1]
         read_one_s = time.perf_counter() - t1
         result = dict(
+            status="done",
+            free_disk_GB=free / 1e9,
             model=spec.name,
             size=size,
             steps=fit,

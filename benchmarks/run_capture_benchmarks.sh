@@ -3,6 +3,7 @@
 #
 #   PYTHONPATH=/tmp/site:. benchmarks/run_capture_benchmarks.sh --out "$OUT"      # CUDA machine
 #   PYTHON=.venv/bin/python benchmarks/run_capture_benchmarks.sh --smoke --out /tmp/bench
+#   ... --only bench_compile,bench_offload     # a subset (script names, comma separated)
 #
 # Order is by priority; each script gets min(its own cap, what is left of --budget seconds) and writes
 # its partial results as it goes. Logs: <out>/<script>.log; all tables: <out>/SUMMARY.md.
@@ -11,11 +12,13 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 SMOKE=""
 BUDGET=470
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --smoke) SMOKE="--smoke"; shift ;;
     --budget) BUDGET="$2"; shift 2 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +34,9 @@ run() {
   local name=$1 cap=$2
   shift 2
   local now left t rc
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then
+    return
+  fi
   now=$(date +%s)
   left=$((BUDGET - (now - START)))
   t=$((cap < left ? cap : left))
@@ -45,8 +51,8 @@ run() {
 
 run bench_capture 150
 run bench_stream 150 --scratch "$SCRATCH"
-run bench_offload 170 --mode_timeout 85
 run bench_lens 60
+run bench_offload 180 --mode_timeout 90
 run bench_compile 150
 
 {
