@@ -70,3 +70,12 @@ def test_pinned_pool_reuses_released_slabs():
     a = pool.acquire(1000)
     pool.release(a)
     assert pool.acquire(2000).data_ptr() == a.data_ptr()
+
+
+def test_single_block_slices_are_copied_as_their_joint_buffer():
+    from flux_ir.capture.trace import _joint_parent
+
+    with torch.inference_mode():
+        joint = torch.randn(3, 7, 4)  # batch 3: each slice alone is not contiguous
+        assert torch.equal(_joint_parent(joint[:, :2], joint[:, 2:]), joint)
+        assert _joint_parent(torch.randn(3, 2, 4), torch.randn(3, 5, 4)) is None

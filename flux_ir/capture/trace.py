@@ -195,12 +195,14 @@ def _joint_parent(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor | None:
         return None
     b, n_txt, d = txt.shape
     n_all = n_txt + img.shape[1]
+    size = txt.element_size()
     if (
         txt.stride() != (n_all * d, d, 1)
         or img.shape[0] != b
         or img.shape[2] != d
-        or img.data_ptr() != txt.data_ptr() + n_txt * d * txt.element_size()
-        or txt.untyped_storage().data_ptr() != img.untyped_storage().data_ptr()
+        or img.data_ptr() != txt.data_ptr() + n_txt * d * size
+        # the joint view must stay inside txt's allocation (then img lies inside it too)
+        or txt.untyped_storage().nbytes() < (txt.storage_offset() + b * n_all * d) * size
     ):
         return None
     return txt.as_strided((b, n_all, d), (n_all * d, d, 1))
