@@ -13,6 +13,7 @@ from flux_ir.capture.select import Selection
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens.decode import check_target
 from flux_ir.models import load_pipeline, resolve_model
+from flux_ir.models.compile import compile_blocks
 from flux_ir.models.loading import check_weights, normalize_offload
 
 
@@ -42,6 +43,7 @@ def capture(
     reduce: str | None = None,
     format: str = "pt",
     copy: str = "async",
+    compile: bool = False,
 ) -> None:
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
@@ -71,6 +73,8 @@ def capture(
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
         copy: "async" (side-stream copies into pinned buffers) or "sync" (blocking `.cpu()`).
+        compile: torch.compile every block's forward (hooks stay outside the graphs); the first
+            step pays the compilation.
     """
     from flux_ir.runs import capture_to_dir
 
@@ -110,6 +114,8 @@ def capture(
         flush=True,
     )
     pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
+    if compile:
+        compile_blocks(pipe.transformer)
     print(f"capturing {opts.num_steps} steps at {width}x{height}, seed {seed} ...", flush=True)
     run_dir = capture_to_dir(
         pipe,
@@ -120,7 +126,7 @@ def capture(
         decode_target=decode_target,
         decode_batch_size=decode_batch_size,
         add_sampling_metadata=add_sampling_metadata,
-        extra_metadata={"offload": offload_mode, "weights": weights},
+        extra_metadata={"offload": offload_mode, "weights": weights, "compiled": bool(compile)},
         selection=selection,
         copier=make_copier(copy),
         store_format=format,
