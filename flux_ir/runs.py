@@ -15,11 +15,19 @@ from diffusers import FluxPipeline
 from PIL import ExifTags, Image
 
 from flux_ir.capture import Capture, GenerationOptions, run_capture
+from flux_ir.capture.copy import HostCopier
 from flux_ir.capture.run import timestamp
+from flux_ir.capture.select import Selection
 from flux_ir.lens import BlockStep, block_steps, decode_capture
 from flux_ir.models import ModelSpec
 from flux_ir.plots import labelled_grid
-from flux_ir.store import atomic_path, save_capture, save_metadata_json
+from flux_ir.store import (
+    ShardWriter,
+    atomic_path,
+    load_capture,
+    save_capture,
+    save_metadata_json,
+)
 
 
 def save_image(image: Image.Image, path: Path, exif: Image.Exif | None = None) -> Path:
@@ -60,17 +68,39 @@ def capture_to_dir(
     decode_batch_size: int = 8,
     add_sampling_metadata: bool = True,
     extra_metadata: dict | None = None,
+    selection: Selection | None = None,
+    copier: HostCopier | None = None,
+    store_format: str = "pt",
 ) -> Path:
-    """Run one capture and write the run directory; returns its path."""
+    """Run one capture and write the run directory; returns its path.
+
+    `store_format` "pt" writes one `capture_*.pt` at the end; "shards" streams a `capture_*/`
+    directory of safetensors shards while generating (host memory bounded by a few steps).
+    """
     stamp = timestamp()
-    images, cap = run_capture(pipe, opts, model_name=spec.name, extra_metadata=extra_metadata)
-    run_dir = new_run_dir(Path(output_dir), spec.name, stamp)
-    cap.metadata["run_id"] = run_dir.name
+    run_kw = dict(
+        model_name=spec.name, extra_metadata=extra_metadata, selection=selection, copier=copier
+    )
+    if store_format == "shards":
+        run_dir = new_run_dir(Path(output_dir), spec.name, stamp)
+        inter = run_dir / "intermediates"
+        writer = ShardWriter(inter / f"capture_{stamp}_{spec.name}")
+        try:
+            images, cap = run_capture(pipe, opts, sink=writer, **run_kw)
+            cap.metadata["run_id"] = run_dir.name
+            cap = load_capture(writer.finish(cap))
+        except BaseException:
+            writer.abort()
+            raise
+    else:
+        images, cap = run_capture(pipe, opts, **run_kw)
+        run_dir = new_run_dir(Path(output_dir), spec.name, stamp)
+        cap.metadata["run_id"] = run_dir.name
+        inter = run_dir / "intermediates"
+        save_capture(cap, inter / f"capture_{stamp}_{spec.name}.pt")
     exif = sampling_exif(spec.name, opts.prompt) if add_sampling_metadata else None
     for i, img in enumerate(images):
         save_image(img, run_dir / f"img_{i}.jpg", exif)
-    inter = run_dir / "intermediates"
-    save_capture(cap, inter / f"capture_{stamp}_{spec.name}.pt")
     save_metadata_json(cap.metadata, inter / f"metadata_{stamp}_{spec.name}.json")
     if decode:
         decode_to_dir(pipe, cap, inter, target=decode_target, batch_size=decode_batch_size)

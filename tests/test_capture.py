@@ -46,11 +46,14 @@ def test_single_block_tensor_is_txt_then_img(tiny):
             guidance_scale=3.5,
             generator=torch.Generator().manual_seed(1),
         )
-    txt, img = trace.records["cond"].single[0][0]
+    joint = trace.records["cond"].single[0][0]
+    assert joint.shape[1] == 32 + N_TOKENS  # one [txt; img] tensor, copied without a cat
     _, cap = run_capture(
         pipe, small_opts(num_steps=1, prompt="x"), single_blocks=[0], double_blocks=[]
     )
-    assert torch.equal(cap["single", 0, 0], torch.cat([txt, img], dim=1))
+    assert torch.equal(cap["single", 0, 0], joint)
+    assert torch.equal(cap.text_tokens("single", 0, 0), joint[:, :32])
+    assert torch.equal(cap.image_tokens("single", 0, 0), joint[:, 32:])
 
 
 def test_denoising_context_lengths(tiny_capture):

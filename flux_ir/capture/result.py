@@ -4,6 +4,7 @@
     cap["single", 37]          # list over steps of [B, L + N, D] tensors ([txt; img])
     cap["double", 3, 0]        # (img [B, N, D], txt [B, L, D]) at step 0
     cap.image_tokens("double", 3, step=0)   # [B, N, D]
+    cap.text_tokens("single", 0, step=0)    # [B, L, D]
 
 `cap.to_dict()` is exactly what `torch.load(path)` returns: `double_blocks`, `single_blocks`,
 `denoising_context`, `metadata` (plus `double_blocks_uncond` / `single_blocks_uncond` when true
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from flux_ir.errors import CaptureFileError
 
 KINDS = ("double", "single")
 
@@ -82,15 +85,52 @@ class Capture:
     def has_uncond(self) -> bool:
         return bool(self.double_blocks_uncond or self.single_blocks_uncond)
 
+    @property
+    def streams(self) -> str:
+        """Token streams held: "both", "img" or "txt" (captures without the field hold both)."""
+        return self.metadata.get("streams", "both")
+
+    @property
+    def reduction(self) -> str | None:
+        return self.metadata.get("reduce")
+
+    def check_image_tokens(self) -> None:
+        """Raise unless every image token of each captured block is held (what the lens needs)."""
+        if self.streams == "txt" or self.reduction is not None:
+            raise CaptureFileError(
+                f"this capture holds {self.streams} streams with reduction {self.reduction!r}; the "
+                "lens needs every image token. Re-capture with --streams both or img and no --reduce."
+            )
+
     def image_tokens(self, kind: str, index: int, step: int, uncond: bool = False) -> torch.Tensor:
-        """Image-token hidden states [B, N, D] of a block at denoising step `step`."""
+        """Image-token hidden states [B, N, D] of a block at denoising step `step`.
+
+        (With a reduction, the reduced image tokens; raises when only text was captured.)
+        """
+        if self.streams == "txt":
+            raise CaptureFileError("this capture holds only text tokens (--streams txt)")
         pos = self.step_position(step)
         out = self.blocks(kind, uncond)[f"block_{index}"][pos]
         if kind == "double":
             return out[0]
+        if self.streams == "img":
+            return out
         key = "txt_seq_len_uncond" if uncond else "txt_seq_len"
-        txt_len = self.denoising_context[key][step]
+        txt_len = 1 if self.reduction == "mean" else self.denoising_context[key][step]
         return out[:, txt_len:]
+
+    def text_tokens(self, kind: str, index: int, step: int, uncond: bool = False) -> torch.Tensor:
+        """Text-token hidden states [B, L, D] of a block at step `step` (raises for img-only)."""
+        if self.streams == "img":
+            raise CaptureFileError("this capture holds only image tokens (--streams img)")
+        out = self.blocks(kind, uncond)[f"block_{index}"][self.step_position(step)]
+        if kind == "double":
+            return out[1]
+        if self.streams == "txt":
+            return out
+        key = "txt_seq_len_uncond" if uncond else "txt_seq_len"
+        txt_len = 1 if self.reduction == "mean" else self.denoising_context[key][step]
+        return out[:, :txt_len]
 
     def step_position(self, step: int) -> int:
         steps = self.captured_steps

@@ -19,8 +19,9 @@ from PIL import Image
 
 import flux_ir
 from flux_ir.capture.copy import HostCopier
-from flux_ir.capture.options import GenerationOptions
+from flux_ir.capture.options import SIZE_MULTIPLE, GenerationOptions
 from flux_ir.capture.result import Capture
+from flux_ir.capture.select import Selection, resolve
 from flux_ir.capture.trace import BlockTrace, PassRecord
 
 
@@ -34,12 +35,26 @@ def run_capture(
     steps: Iterable[int] | None = None,
     copier: HostCopier | None = None,
     extra_metadata: dict | None = None,
+    selection: Selection | None = None,
+    sink=None,
 ) -> tuple[list[Image.Image], Capture]:
     """Run `pipe` once with block hooks; return the generated images and the `Capture`.
 
     The initial noise comes from a CPU generator seeded with `opts.seed`, so the same seed gives the
     same capture on any device. Guidance is ignored by models without a guidance embedding.
+    `selection` picks blocks, steps (negative: from the end), streams, storage dtype and reduction;
+    with a `sink` (see `BlockTrace`) block tensors go to it step by step and the returned `Capture`
+    holds only the denoising context and metadata.
     """
+    sel = selection or Selection()
+    if sel.double_blocks is not None:
+        double_blocks = sel.double_blocks
+    if sel.single_blocks is not None:
+        single_blocks = sel.single_blocks
+    if sel.steps is not None:
+        steps = resolve(list(sel.steps), opts.num_steps, "steps")
+    grid = (opts.height // SIZE_MULTIPLE, opts.width // SIZE_MULTIPLE)
+    sel.check_grid(*grid)
     guidance = _effective_guidance(pipe, opts.guidance)
     final: dict[str, torch.Tensor] = {}
 
@@ -54,6 +69,9 @@ def run_capture(
         steps=steps,
         passes_per_step=2 if opts.true_cfg else 1,
         copier=copier,
+        selection=Selection(streams=sel.streams, dtype=sel.dtype, reduce=sel.reduce),
+        image_grid=grid,
+        sink=sink,
     )
     with trace, torch.inference_mode():
         out = pipe(
@@ -91,6 +109,7 @@ def run_capture(
         "captured_double_blocks": trace.double_idx,
         "captured_single_blocks": trace.single_idx,
         "captured_steps": trace.records["cond"].steps,
+        **sel.metadata(),
         "vae_scale_factor": pipe.vae_scale_factor,
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "vae_shift_factor": float(pipe.vae.config.shift_factor),
@@ -148,10 +167,15 @@ def _double(rec: PassRecord) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]
 
 def _single(rec: PassRecord) -> dict[str, list[torch.Tensor]]:
     """Single-block outputs as the original tool stored them: `[txt; img]` along the sequence."""
-    return {
-        f"block_{i}": [torch.cat([txt, img], dim=1) for txt, img in v]
-        for i, v in sorted(rec.single.items())
-    }
+    return {f"block_{i}": [joint_single(x) for x in v] for i, v in sorted(rec.single.items())}
+
+
+def joint_single(value: torch.Tensor | tuple) -> torch.Tensor:
+    """A single block's record as one tensor: `[txt; img]` (or the one stream that was captured)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    parts = [p for p in value if p is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def plain(obj):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from flux_ir.capture.copy import HostCopier, SyncCopier
+from flux_ir.capture.select import Selection, resolve
 
 PASS_NAMES = ("cond", "uncond")
 
@@ -27,7 +28,9 @@ PASS_NAMES = ("cond", "uncond")
 class PassRecord:
     """Everything recorded for one kind of transformer pass ("cond" or "uncond"), step by step.
 
-    double[i][k] = (img [B, N, D], txt [B, L, D]); single[i][k] = (txt [B, L, D], img [B, N, D]).
+    double[i][k] = (img [B, N, D], txt [B, L, D]); single[i][k] = [B, L + N, D] ([txt; img], one copy
+    of the block's own output buffer), or a (txt, img) pair when streams or reductions are selected
+    (a stream not captured is None; reduced streams have fewer tokens).
     img_state[k]: packed latents fed to the model [B, N, 64]; y[k]: pooled CLIP [B, P];
     temb[k]: conditioning embedding [B, D]; txt_seq_len[k]: L; steps: captured step indices.
     """
@@ -50,6 +53,12 @@ class BlockTrace:
         steps: step indices to record (None: all). Context is recorded for every step.
         passes_per_step: 2 when the pipeline runs true CFG (cond + uncond), else 1.
         copier: how tensors reach the host (default: synchronous copy to CPU).
+        selection: streams / storage dtype / reduction of block tensors (blocks and steps given
+            here override the arguments above).
+        image_grid: latent token grid (H, W), needed only for pooling reductions.
+        sink: called as `sink(pass_name, step, items, fence)` when a pass ends, with that pass's
+            block tensors `{(kind, index): tensor or pair}` (valid once `fence` is set); they are then
+            not kept in `records` (streaming: host memory bounded by what the sink holds).
     """
 
     def __init__(
@@ -60,10 +69,23 @@ class BlockTrace:
         steps: Iterable[int] | None = None,
         passes_per_step: int = 1,
         copier: HostCopier | None = None,
+        selection: Selection | None = None,
+        image_grid: tuple[int, int] | None = None,
+        sink=None,
     ):
         self.transformer = transformer
+        sel = selection or Selection()
         n_double = len(transformer.transformer_blocks)
         n_single = len(transformer.single_transformer_blocks)
+        if sel.double_blocks is not None:
+            double_blocks = sel.double_blocks
+        if sel.single_blocks is not None:
+            single_blocks = sel.single_blocks
+        if sel.steps is not None:
+            steps = sel.steps
+        self.selection = sel
+        self.image_grid = image_grid
+        self.sink = sink
         self.double_idx = _check_indices(double_blocks, n_double, "double")
         self.single_idx = _check_indices(single_blocks, n_single, "single")
         self.steps = None if steps is None else set(steps)
@@ -76,6 +98,8 @@ class BlockTrace:
         self._calls = 0
         self._current: PassRecord | None = None
         self._recording_blocks = False
+        self._pass: tuple[str, int] | None = None
+        self._items: dict[tuple[str, int], object] = {}
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> BlockTrace:
@@ -96,6 +120,8 @@ class BlockTrace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if exc[0] is None:
+            self._end_pass()
         self.copier.synchronize()
 
     @property
@@ -103,8 +129,19 @@ class BlockTrace:
         return self._calls // self.passes_per_step
 
     # -- hooks -----------------------------------------------------------------------------------
+    def _end_pass(self) -> None:
+        """Hand the finished pass's copies to the device; give its block tensors to the sink."""
+        flush = getattr(self.copier, "flush", None)
+        if flush is not None:
+            flush()
+        if self.sink is not None and self._pass is not None and self._items:
+            items, self._items = self._items, {}
+            self.sink(*self._pass, items, self.copier.fence())
+
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._end_pass()
         step, which = divmod(self._calls, self.passes_per_step)
+        self._pass = (PASS_NAMES[which], step)
         self._calls += 1
         rec = self.records.setdefault(PASS_NAMES[which], PassRecord())
         self._current = rec
@@ -122,25 +159,54 @@ class BlockTrace:
         self._current.temb.append(self.copier.copy(output))
 
     def _block_hook(self, kind: str, index: int):
+        sel = self.selection
+        full, want_img, want_txt = sel.full, sel.streams != "txt", sel.streams != "img"
+        dtype = sel.torch_dtype
+        copy = self.copier.copy
+
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return copy(t if dtype is None or t.dtype == dtype else t.to(dtype))
+
         def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
             if not self._recording_blocks:
                 return
             txt, img = output  # diffusers blocks return (encoder_hidden_states, hidden_states)
-            copy = self.copier.copy
-            store = self._current.double if kind == "double" else self._current.single
-            pair = (copy(img), copy(txt)) if kind == "double" else (copy(txt), copy(img))
-            store.setdefault(index, []).append(pair)
+            if full and kind == "single" and (parent := _joint_parent(txt, img)) is not None:
+                value = put(parent)  # [txt; img]: one copy of the block's own buffer, no cat
+            else:
+                i = put(sel.reduce_img(img, self.image_grid)) if want_img else None
+                t = put(sel.reduce_txt(txt)) if want_txt else None
+                value = (i, t) if kind == "double" else (t, i)
+            if self.sink is not None:
+                self._items[(kind, index)] = value
+            else:
+                store = self._current.double if kind == "double" else self._current.single
+                store.setdefault(index, []).append(value)
 
         return hook
 
 
+def _joint_parent(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous [B, L + N, D] buffer whose slices a single block returns as (txt, img), if so.
+
+    (Views made under inference mode do not keep `_base`, so adjacency is checked on the storage.)
+    """
+    if txt.dim() != 3 or img.dim() != 3 or txt.stride() != img.stride():
+        return None
+    b, n_txt, d = txt.shape
+    n_all = n_txt + img.shape[1]
+    size = txt.element_size()
+    if (
+        txt.stride() != (n_all * d, d, 1)
+        or img.shape[0] != b
+        or img.shape[2] != d
+        or img.data_ptr() != txt.data_ptr() + n_txt * d * size
+        # the joint view must stay inside txt's allocation (then img lies inside it too)
+        or txt.untyped_storage().nbytes() < (txt.storage_offset() + b * n_all * d) * size
+    ):
+        return None
+    return txt.as_strided((b, n_all, d), (n_all * d, d, 1))
+
+
 def _check_indices(indices: Iterable[int] | None, n: int, kind: str) -> list[int]:
-    if indices is None:
-        return list(range(n))
-    out = sorted(set(int(i) for i in indices))
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise ValueError(
-            f"{kind} block indices {bad} out of range: this model has {n} {kind} blocks"
-        )
-    return out
+    return resolve(None if indices is None else [int(i) for i in indices], n, f"{kind}_blocks")

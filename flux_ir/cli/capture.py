@@ -7,10 +7,13 @@ import random
 import torch
 
 from flux_ir.capture import GenerationOptions
+from flux_ir.capture.copy import make_copier
 from flux_ir.capture.options import validate_output_dir
+from flux_ir.capture.select import Selection
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens.decode import check_target
 from flux_ir.models import load_pipeline, resolve_model
+from flux_ir.models.compile import compile_blocks
 from flux_ir.models.loading import check_weights, normalize_offload
 
 
@@ -32,6 +35,15 @@ def capture(
     true_cfg_scale: float = 1.0,
     decode_batch_size: int = 8,
     weights: str = "pretrained",
+    double_blocks: str | int | tuple = "all",
+    single_blocks: str | int | tuple = "all",
+    steps: str | int | tuple = "all",
+    streams: str = "both",
+    store_dtype: str | None = None,
+    reduce: str | None = None,
+    format: str = "pt",
+    copy: str = "async",
+    compile: bool = False,
 ) -> None:
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
@@ -42,7 +54,8 @@ def capture(
         seed: noise seed (random if omitted; recorded in the metadata).
         num_steps: denoising steps (model default: 4 for schnell/tiny, 50 for dev/krea).
         guidance: distilled guidance scale (model default; ignored by schnell).
-        offload: False, True/"model" (diffusers model CPU offload) or "sequential".
+        offload: False, True/"model" (diffusers model CPU offload), "sequential" or "group"
+            (diffusers group offloading, one block at a time, prefetched on a CUDA stream).
         device: cuda or cpu (default: cuda when available).
         output_dir: where the run directory is created.
         should_decode_intermediates: decode every block with the lens and draw the mosaic.
@@ -51,6 +64,17 @@ def capture(
         negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when scale > 1.
         decode_batch_size: latents per VAE decode call.
         weights: "pretrained" or "random" (the exact architecture with random weights, no download).
+        double_blocks, single_blocks: blocks to capture: "all", "none", or indices and ranges like
+            "0-5,18" (negative: from the end).
+        steps: denoising steps to capture, same syntax ("0,-1": first and last).
+        streams: "both", "img" (image tokens) or "txt" (text tokens).
+        store_dtype: float32, float16 or bfloat16 (cast on the device; default: the model's dtype).
+        reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens), on the device.
+        format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
+            for large runs: host memory stays bounded).
+        copy: "async" (side-stream copies into pinned buffers) or "sync" (blocking `.cpu()`).
+        compile: torch.compile every block's forward (hooks stay outside the graphs); the first
+            step pays the compilation.
     """
     from flux_ir.runs import capture_to_dir
 
@@ -71,6 +95,16 @@ def capture(
     offload_mode = normalize_offload(offload)
     check_weights(weights)
     device = check_device(device)
+    selection = Selection.parse(double_blocks, single_blocks, steps, streams, store_dtype, reduce)
+    if should_decode_intermediates and (selection.streams == "txt" or selection.reduce):
+        raise InvalidArgumentError(
+            "the lens needs every image token: with --streams txt or --reduce, also pass "
+            "--should_decode_intermediates False."
+        )
+    if format not in FORMATS:
+        raise InvalidArgumentError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    if copy not in ("sync", "async"):
+        raise InvalidArgumentError(f"--copy {copy!r}: choose sync or async")
     if decode_batch_size < 1:
         raise InvalidArgumentError(f"--decode_batch_size must be >= 1, got {decode_batch_size}")
     out = validate_output_dir(output_dir)
@@ -80,6 +114,8 @@ def capture(
         flush=True,
     )
     pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
+    if compile:
+        compile_blocks(pipe.transformer)
     print(f"capturing {opts.num_steps} steps at {width}x{height}, seed {seed} ...", flush=True)
     run_dir = capture_to_dir(
         pipe,
@@ -90,9 +126,15 @@ def capture(
         decode_target=decode_target,
         decode_batch_size=decode_batch_size,
         add_sampling_metadata=add_sampling_metadata,
-        extra_metadata={"offload": offload_mode, "weights": weights},
+        extra_metadata={"offload": offload_mode, "weights": weights, "compiled": bool(compile)},
+        selection=selection,
+        copier=make_copier(copy),
+        store_format=format,
     )
     print(f"run directory: {run_dir}")
+
+
+FORMATS = ("pt", "shards")
 
 
 def check_device(device: str | None) -> str:

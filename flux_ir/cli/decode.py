@@ -23,7 +23,7 @@ def decode(
     """Decode every block of a capture file as the final prediction; write images and the mosaic.
 
     Args:
-        capture_path: a `capture_*.pt` file.
+        capture_path: a `capture_*.pt` file or a `capture_*/` shard directory.
         model: the model that made it (default: the one named in its metadata).
         target: "x0" or "next".
         output_dir: where `decoded/` and the mosaic go (default: beside the capture).

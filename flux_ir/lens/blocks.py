@@ -61,12 +61,15 @@ def decode_capture(
     target: str = "x0",
     batch_size: int = 8,
     progress: bool = True,
+    output_type: str = "pil",
 ) -> Iterator[tuple[BlockStep, list[Image.Image]]]:
     """Yield `(item, images)` for each (block, step); images has one entry per batch element.
 
     Lens latents of several items are VAE-decoded together in batches of `batch_size` latents.
+    `output_type` "pt" yields image tensors [B, 3, H, W] in [0, 1] (on the VAE's device) instead.
     """
     check_target(target)
+    cap.check_image_tokens()
     head = LensHead.from_pipeline(pipe)
     items = block_steps(cap) if items is None else items
     height, width = cap.metadata["height"], cap.metadata["width"]
@@ -75,7 +78,7 @@ def decode_capture(
         chunk = items[start : start + batch_size]
         lat = [block_latents(head, cap, it, target) for it in chunk]
         per_item = lat[0].shape[0]
-        images = decode_packed(pipe, torch.cat(lat), height, width)
+        images = decode_packed(pipe, torch.cat(lat), height, width, output_type)
         for j, it in enumerate(chunk):
             yield it, images[j * per_item : (j + 1) * per_item]
         bar.update(len(chunk))

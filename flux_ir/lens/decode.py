@@ -38,8 +38,8 @@ def check_target(target: str) -> str:
 class LensHead:
     """The transformer's output head (`norm_out`, `proj_out`) on the device where the lens runs.
 
-    With model CPU offload the transformer's weights rest on the CPU between calls; the head is copied
-    to the execution device so decoding never silently runs on CPU weights.
+    With model CPU offload or group offload the transformer's weights rest on the CPU between calls;
+    the head is copied to the execution device so decoding never silently runs on CPU weights.
     """
 
     norm_out: nn.Module
@@ -55,9 +55,25 @@ class LensHead:
         on_meta = any(p.device.type == "meta" for p in params)
         if on_meta:  # sequential offload: accelerate's per-module hooks move weights in on call
             return cls(t.norm_out, t.proj_out, device, t.dtype)
+        if getattr(t, "_diffusers_hook", None) is not None:  # group offload: weights rest on CPU
+            return cls._rebuilt(t, device)
         norm_out = copy.deepcopy(t.norm_out).to(device)
         proj_out = copy.deepcopy(t.proj_out).to(device)
         return cls(norm_out, proj_out, device, proj_out.weight.dtype)
+
+    @classmethod
+    def _rebuilt(cls, t: nn.Module, device: torch.device) -> LensHead:
+        """Fresh hook-free copies of the head (FluxTransformer2DModel's construction) on `device`."""
+        from diffusers.models.normalization import AdaLayerNormContinuous
+
+        dtype = t.proj_out.weight.dtype
+        norm_out = AdaLayerNormContinuous(
+            t.inner_dim, t.inner_dim, elementwise_affine=False, eps=1e-6
+        )
+        proj_out = nn.Linear(t.inner_dim, t.proj_out.out_features, bias=t.proj_out.bias is not None)
+        norm_out.load_state_dict(t.norm_out.state_dict())
+        proj_out.load_state_dict(t.proj_out.state_dict())
+        return cls(norm_out.to(device, dtype), proj_out.to(device, dtype), device, dtype)
 
     @torch.inference_mode()
     def velocity(self, h_img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Load a FLUX pipeline by registry name or local directory, on a device, optionally offloaded.
 
 pipe, spec = load_pipeline("flux-tiny")                       # built in code, CPU, float32
-pipe, spec = load_pipeline("flux-dev", device="cuda", offload="model")
+pipe, spec = load_pipeline("flux-dev", device="cuda", offload="model")   # or "sequential", "group"
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import ModelSpec, resolve_model, write_sidecar
 from flux_ir.models.tiny import build_tiny_pipeline
 
-OFFLOAD_MODES = ("none", "model", "sequential")
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
 WEIGHTS = ("pretrained", "random")
 
 
@@ -89,8 +89,24 @@ def place_pipeline(pipe: FluxPipeline, device: str, offload: str = "none") -> No
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    elif offload == "group":
+        enable_group_offload(pipe, device)
     else:
         raise InvalidArgumentError(f"unknown offload mode {offload!r}")
+
+
+def enable_group_offload(pipe: FluxPipeline, device: str) -> None:
+    """diffusers group offloading: one transformer block at a time is on the device, the next one
+    prefetched on a side CUDA stream while the current one computes (weights rest in pinned CPU memory).
+    """
+    onload = torch.device(device)
+    pipe.enable_group_offload(
+        onload_device=onload,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=onload.type == "cuda",
+    )
 
 
 def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> FluxPipeline:

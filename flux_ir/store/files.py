@@ -34,11 +34,16 @@ def save_metadata_json(metadata: dict, path: str | Path) -> Path:
 
 
 def load_capture(path: str | Path, mmap: bool = True) -> Capture:
-    """Load a `.pt` capture without executing pickled code; tensors are memory-mapped.
+    """Load a capture lazily, never executing pickled code: a `.pt` file (memory-mapped) or a
+    streamed shard directory (see `flux_ir.store.shards`; tensors read on first access).
 
     Raises CaptureFileError naming the file when it is missing, truncated or not a capture.
     """
     path = Path(path)
+    if path.is_dir():
+        from flux_ir.store.shards import open_shards
+
+        return open_shards(path)
     if not path.is_file():
         raise CaptureFileError(f"no capture file at {path}")
     try:

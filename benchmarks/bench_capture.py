@@ -1,0 +1,228 @@
+"""Capture overhead: plain generation vs capture (sync / async / selective), per shape.
+
+    PYTHONPATH=. python benchmarks/bench_capture.py --out results/     # CUDA, flux-dev random bf16
+    PYTHONPATH=. python benchmarks/bench_capture.py --smoke            # CPU, flux-tiny
+
+What is measured: one generation of `--steps` denoising steps (prompt embeddings precomputed,
+output_type="latent", so text encoders and VAE are outside the timing), wall clock from launch to
+"every captured tensor is in host memory" (device synchronised, copier drained). Configurations run
+in the same process, on the same model, interleaved per shape; the ratio is to `plain` of that shape.
+- plain: no hooks. noop_hooks: a Python forward hook that does nothing on every block (the hook
+  dispatch cost alone: if it is large, the step is CPU launch-bound).
+- sync: blocking `.cpu()` of every block output (the original tool).
+- async_per_tensor: the earlier prototype: per tensor wait_stream + copy into a reused pinned buffer
+  + record_stream, no drain to pageable memory.
+- async: flux-ir's AsyncCopier (batched side-stream copies into reused pinned slabs, one event per
+  group, background drain into pageable host tensors).
+- async_nodrain (diagnostic): async without the background pinned -> pageable copy (data discarded).
+- async_img: async, image tokens only. async_sel: 9 blocks, image tokens, 2x2 pooled, bf16.
+All blocks, both streams, every step unless named otherwise. main_cpu_ms: CPU time of the main
+(launching) thread per step; when it is close to step_ms the step is CPU launch-bound and any
+Python work in hooks adds to the step time one for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from common import device_info, parser, pipeline, sync, write_results
+
+from flux_ir.capture import BlockTrace
+from flux_ir.capture.copy import AsyncCopier, SyncCopier
+from flux_ir.capture.select import Selection
+
+NOTE = __doc__.split("What is measured:")[1]
+
+
+class PerTensorAsyncCopier:
+    """The earlier prototype, for comparison: per-tensor side-stream copy with record_stream."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.bufs: list[torch.Tensor] = []
+        self.i = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if self.i >= len(self.bufs):
+                self.bufs.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+            b = self.bufs[self.i]
+            self.i += 1
+            b.copy_(t, non_blocking=True)
+            t.record_stream(self.stream)
+        return b
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+        self.i = 0
+
+
+class NoDrainCopier(AsyncCopier):
+    """Diagnostic: AsyncCopier whose background thread skips the pinned -> pageable copy."""
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if item[0] == "fence":
+                item[1].set()
+                continue
+            item[1].synchronize()
+            self.pool.release(item[2])
+            item = None
+
+
+def captured_bytes(trace: BlockTrace) -> int:
+    total = 0
+    for rec in trace.records.values():
+        for store in (rec.double, rec.single):
+            for steps in store.values():
+                for v in steps:
+                    for t in v if isinstance(v, tuple) else (v,):
+                        total += 0 if t is None else t.numel() * t.element_size()
+    return total
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model", default="flux-dev")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shapes", default="512x1,1024x1,512x4", help="SIZExBATCH, comma separated")
+    args = p.parse_args()
+    pipe, spec = pipeline(args.model, args.smoke)
+    cuda = not args.smoke
+    shapes = (
+        [(64, 1), (64, 2)]
+        if args.smoke
+        else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    )
+    steps = 2 if args.smoke else args.steps
+    max_len = 32 if args.smoke else 512
+    dev = pipe._execution_device
+    result = {"device": device_info(), "model": spec.name, "steps": steps, "shapes": {}}
+    rows = []
+    noop_handles: list = []
+
+    def noop_ctx():
+        @contextlib.contextmanager
+        def ctx():
+            t = pipe.transformer
+            hook = lambda m, i, o: None  # noqa: E731
+            blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
+            noop_handles[:] = [b.register_forward_hook(hook) for b in blocks]
+            try:
+                yield None
+            finally:
+                for h in noop_handles:
+                    h.remove()
+
+        return ctx()
+
+    sel_img = Selection(streams="img")
+    sel_small = (
+        Selection(
+            double_blocks=(0, 6, 12, 18),
+            single_blocks=(0, 9, 18, 27, 37),
+            streams="img",
+            reduce="pool2",
+            dtype="bfloat16",
+        )
+        if not args.smoke
+        else Selection(double_blocks=(0,), single_blocks=(1,), streams="img", reduce="pool2")
+    )
+    configs = {
+        "plain": lambda: contextlib.nullcontext(),
+        "noop_hooks": noop_ctx,
+        "sync": lambda: BlockTrace(pipe.transformer, copier=SyncCopier()),
+        "async": lambda: BlockTrace(pipe.transformer, copier=async_copier),
+        "async_img": lambda: BlockTrace(pipe.transformer, copier=async_copier, selection=sel_img),
+        "async_sel": lambda: BlockTrace(
+            pipe.transformer, copier=async_copier, selection=sel_small, image_grid=grid
+        ),
+    }
+    if cuda:
+        configs["async_nodrain"] = lambda: BlockTrace(pipe.transformer, copier=nodrain_copier)
+        configs["async_per_tensor"] = lambda: BlockTrace(
+            pipe.transformer, copier=PerTensorAsyncCopier()
+        )
+    async_copier = AsyncCopier()
+    nodrain_copier = NoDrainCopier() if cuda else None
+    for size, batch in shapes:
+        grid = (size // 16, size // 16)
+        with torch.inference_mode():
+            pe, pooled, _ = pipe.encode_prompt(
+                "a photo of a cat",
+                device=dev,
+                num_images_per_prompt=batch,
+                max_sequence_length=max_len,
+            )
+
+        def generate(ctx, pe=pe, pooled=pooled, size=size):
+            with ctx, torch.inference_mode():
+                pipe(
+                    prompt_embeds=pe,
+                    pooled_prompt_embeds=pooled,
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    guidance_scale=3.5,
+                    output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(0),
+                )
+                t_gpu = time.perf_counter()
+                sync()
+            return ctx, t_gpu
+
+        shape_key = f"{size}x{size}_b{batch}"
+        res = {}
+        for name, make in configs.items():
+            generate(make())  # warm-up (pinned pools, allocator, autotuning)
+            times, gpu_times, cpu_times = [], [], []
+            for _ in range(1 if args.smoke else args.repeats):
+                ctx = make()
+                sync()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                ctx, t_gpu = generate(ctx)
+                sync()
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.thread_time() - c0)
+                gpu_times.append(t_gpu - t0)
+            nbytes = captured_bytes(ctx) if isinstance(ctx, BlockTrace) else 0
+            del ctx
+            med = sorted(times)[len(times) // 2]
+            res[name] = {
+                "median_s": med,
+                "times_s": times,
+                "until_pipe_returned_s": sorted(gpu_times)[len(gpu_times) // 2],
+                "main_thread_cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
+                "captured_GB_per_step": nbytes / steps / 1e9,
+            }
+            print(shape_key, name, f"{med:.3f}s", flush=True)
+        base = res["plain"]["median_s"]
+        for name, r in res.items():
+            r["ratio"] = r["median_s"] / base
+            rows.append(
+                dict(
+                    shape=shape_key,
+                    config=name,
+                    step_ms=1000 * r["median_s"] / steps,
+                    ratio=r["ratio"],
+                    main_cpu_ms=1000 * r["main_thread_cpu_s"] / steps,
+                    GB_per_step=r["captured_GB_per_step"],
+                )
+            )
+        result["shapes"][shape_key] = res
+        write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE)
+        torch.cuda.empty_cache() if cuda else None
+    async_copier.close()
+    if nodrain_copier is not None:
+        nodrain_copier.close()
+    print(write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE))
+
+
+COLUMNS = ["shape", "config", "step_ms", "ratio", "main_cpu_ms", "GB_per_step"]
+
+if __name__ == "__main__":
+    main()

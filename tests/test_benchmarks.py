@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end in their CPU smoke mode (numbers meaningless)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    "script, name, key", [("bench_stream", "stream_store", "rss_above_model_GB")]
+)
+def test_smoke_mode_writes_json_and_table(script, name, key, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    argv = [script, "--smoke", "--out", str(tmp_path / "out"), "--scratch", str(scratch)]
+    monkeypatch.setattr(sys, "argv", argv)
+    module = __import__(script)
+    module.main()
+    result = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert key in result and result["device"]["torch"]
+    assert "|" in (tmp_path / "out" / f"{name}.md").read_text()
+    assert not list(scratch.iterdir())  # the shards were deleted

@@ -1,0 +1,47 @@
+"""Offload modes: group offloading records what the plain pipeline records; the lens head is on
+the execution device after any offloaded run."""
+
+import pytest
+import torch
+
+from flux_ir.capture import run_capture
+from flux_ir.errors import InvalidArgumentError
+from flux_ir.lens import LensHead
+from flux_ir.models import load_pipeline
+from flux_ir.models.loading import normalize_offload
+
+from .conftest import small_opts
+from .test_fast_capture import assert_same_capture
+
+
+def test_group_offload_records_the_same_tensors(tiny_capture):
+    pipe, spec = load_pipeline("flux-tiny", device="cpu", offload="group")
+    assert getattr(pipe.transformer, "_diffusers_hook", None) is not None
+    _, cap = run_capture(pipe, small_opts(), model_name=spec.name)
+    assert_same_capture(cap, tiny_capture[1])
+
+
+def test_lens_head_after_group_offload_is_a_hook_free_copy(tiny):
+    pipe, _ = load_pipeline("flux-tiny", device="cpu", offload="group")
+    head = LensHead.from_pipeline(pipe)
+    assert getattr(head.proj_out, "_diffusers_hook", None) is None
+    h, temb = (
+        torch.randn(1, 16, pipe.transformer.inner_dim),
+        torch.randn(1, pipe.transformer.inner_dim),
+    )
+    ref = LensHead.from_pipeline(tiny[0]).velocity(h, temb)
+    assert torch.equal(head.velocity(h, temb), ref)
+
+
+def test_unknown_offload_mode_lists_group():
+    with pytest.raises(InvalidArgumentError, match="group"):
+        normalize_offload("disk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["model", "group"])
+def test_lens_head_runs_on_the_gpu_after_offload(mode):
+    pipe, _ = load_pipeline("flux-tiny", device="cuda", offload=mode)
+    run_capture(pipe, small_opts(num_steps=1))
+    head = LensHead.from_pipeline(pipe)
+    assert head.device.type == "cuda" and head.proj_out.weight.device.type == "cuda"
