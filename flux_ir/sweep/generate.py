@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import diffusers
@@ -220,6 +221,16 @@ def _generate(
     vertices = vertex_latents(cfg.seeds, cfg.height, cfg.width)
     cond = encode_conditioning(pipe, cfg)
     rows: list[dict] = []
+
+    def write(batch, images, x0, before, after) -> None:
+        for k, (point, image) in enumerate(zip(batch, images)):
+            if x0 is not None:
+                store.save_phases(point, x0[k].numpy())
+            store.save_image(point, image)  # last: an image marks the point done
+            rows.append(point_row(point, float(before[k]), float(after[k])))
+        store.write_points(rows, dist.rank)
+        bar.update(len(batch))
+
     bar = tqdm(
         total=len(points),
         unit="pt",
@@ -228,30 +239,34 @@ def _generate(
         position=dist.rank,
         dynamic_ncols=True,
     )
-    with bar:
+    # PNG encoding runs on one writer thread while the device computes the next batch; at most one
+    # batch is being written, and it is finished even when generation is interrupted.
+    pending: Future | None = None
+    with bar, ThreadPoolExecutor(max_workers=1) as writer:
         for lo in range(0, len(points), batch_size):
             batch = points[lo : lo + batch_size]
             z, before, after = grid_latents(vertices, cfg.grid, batch)
             images, x0 = generate_batch(pipe, cfg, cond, z, phase_pool)
-            for k, (point, image) in enumerate(zip(batch, images)):
-                if x0 is not None:
-                    store.save_phases(point, x0[k].numpy())
-                store.save_image(point, image)  # last: an image marks the point done
-                rows.append(
-                    {
-                        "index": point.index,
-                        "row": point.row,
-                        "col": point.col,
-                        "alpha": point.alpha,
-                        "beta": point.beta,
-                        "norm_before": float(before[k]),
-                        "norm_after": float(after[k]),
-                        "file": f"images/{point.file}",
-                        "done": True,
-                    }
-                )
-            store.write_points(rows, dist.rank)
-            bar.update(len(batch))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, batch, images, x0, before, after)
+        if pending is not None:
+            pending.result()
+
+
+def point_row(point: GridPoint, norm_before: float, norm_after: float) -> dict:
+    """One row of the points table."""
+    return {
+        "index": point.index,
+        "row": point.row,
+        "col": point.col,
+        "alpha": point.alpha,
+        "beta": point.beta,
+        "norm_before": norm_before,
+        "norm_after": norm_after,
+        "file": f"images/{point.file}",
+        "done": True,
+    }
 
 
 def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, float]]:
