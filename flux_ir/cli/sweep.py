@@ -5,7 +5,7 @@ from __future__ import annotations
 from flux_ir.cli.capture import check_device
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.models import load_pipeline, resolve_model
-from flux_ir.models.loading import check_weights, normalize_offload
+from flux_ir.models.loading import check_weights, default_dtype, normalize_offload
 from flux_ir.sweep.config import DEFAULT_SEEDS, PRESETS, SweepConfig
 from flux_ir.sweep.generate import check_run_args
 from flux_ir.sweep.grid import GridSpec
@@ -78,7 +78,7 @@ def sweep(
     device = check_device(dist.device(device))
     offload_mode = normalize_offload(offload)
     check_weights(weights)
-    pipe_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    pipe_dtype = str(default_dtype(device)).removeprefix("torch.")
     cfg = SweepConfig(
         **base,
         model=spec.name if weights == "pretrained" else f"{spec.name} (random weights)",

@@ -41,7 +41,9 @@ class SweepConfig:
     max_sequence_length: int = 256
     seeds: tuple[int, int, int] = DEFAULT_SEEDS
     grid: GridSpec = field(default_factory=GridSpec)
-    dtype: str = "float32"
+    dtype: str | None = (
+        None  # the pipeline's dtype, when the caller wants it to be part of the sweep
+    )
 
     def __post_init__(self) -> None:
         validate_size(self.width, self.height)

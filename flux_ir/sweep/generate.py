@@ -184,6 +184,11 @@ def run_sweep(
     per-step x0 latents, average-pooled by that factor, in `phases/`.
     """
     check_run_args(batch_size, phase_pool, cfg)
+    actual = str(pipe.transformer.dtype).removeprefix("torch.")
+    if cfg.dtype is not None and cfg.dtype != actual:
+        raise InvalidArgumentError(
+            f"the sweep asks for dtype {cfg.dtype} but the pipeline runs in {actual}"
+        )
     dist = dist or Distributed()
     store = SweepStore(out_dir)
     start = time.perf_counter()
@@ -298,6 +303,7 @@ def sweep_metadata(
         "processes": dist.world,
         "phase_pool": phase_pool,
         "device": str(pipe._execution_device),
+        "pipeline_dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "versions": {
             "flux_ir": flux_ir.__version__,
             "torch": torch.__version__,

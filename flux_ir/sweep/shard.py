@@ -70,15 +70,6 @@ class Distributed:
             else:
                 torch_dist.barrier()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True only if every process passes `ok` (so all stop together on an error in one)."""
-        if self.world <= 1 or not torch_dist.is_initialized():
-            return ok
-        device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if ok else 0], device=device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def shard(self, items: Sequence[T]) -> list[T]:
         """This process's share: every `world`-th item starting at `rank` (balanced to within one)."""
         return list(items[self.rank :: self.world])
