@@ -95,6 +95,13 @@ def test_a_different_sweep_is_refused_before_the_model_loads(tmp_path, capsys, m
     assert "holds a different sweep (differs in: grid)" in capsys.readouterr().err
 
 
+def test_unwritable_output_dir_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["sweep", *TINY, "--output_dir", str(blocker / "sub")]) == 2
+    assert "--output_dir" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--embedder", "dino"], "unknown embedder 'dino'"), ([], "is not a sweep directory")],

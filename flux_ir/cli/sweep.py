@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flux_ir.capture.options import validate_output_dir
 from flux_ir.cli.capture import check_device
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.models import load_pipeline, resolve_model
@@ -99,6 +100,7 @@ def sweep(
     )
     check_run_args(batch_size, phase_pool if phases else None, cfg)
     SweepStore(output_dir).check(cfg)  # a different sweep is refused before the model loads
+    validate_output_dir(output_dir)
 
     dist.init(device)
     try:

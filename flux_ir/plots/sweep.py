@@ -105,13 +105,16 @@ def plot_phases(fields: np.ndarray, alphas: np.ndarray, betas: np.ndarray, path:
     steps = fields.shape[0]
     ncols = min(steps, 6)
     nrows = -(-steps // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 3 * nrows), squeeze=False, layout="constrained"
+    )
     extent = _extent(alphas, betas)
     for k, ax in enumerate(axes.flat):
         if k >= steps:
             ax.axis("off")
             continue
-        ax.imshow(fields[k], extent=extent, origin="lower", aspect="auto", cmap="magma")
+        im = ax.imshow(fields[k], extent=extent, origin="lower", aspect="auto", cmap="magma")
+        fig.colorbar(im, ax=ax)
         ax.set_title(f"step {k}: x0 estimate")
         ax.set_xlabel("beta")
         ax.set_ylabel("alpha")
