@@ -195,8 +195,10 @@ def test_per_step_x0_matches_the_transformer_and_ends_at_the_final_latents(tiny)
     assert torch.allclose(x0[:, -1], pipe._unpack_latents(final, SIZE, SIZE, 8), atol=1e-5)
 
 
-def test_phases_are_kept_per_point_pooled(tiny, tmp_path):
+def test_phases_are_kept_per_point_with_a_fixed_pooling(tiny, tmp_path):
     cfg = small_cfg(grid=GridSpec(n_alpha=2, n_beta=2))
     run_sweep(tiny[0], cfg, tmp_path, batch_size=4, phase_pool=2, progress=False)
     phase = np.load(tmp_path / "phases" / "a001_b001.npy", allow_pickle=False)
     assert phase.shape == (2, 16, 2, 2) and phase.dtype == np.float16
+    with pytest.raises(InvalidArgumentError, match="resume with --phase_pool 2"):
+        run_sweep(tiny[0], cfg, tmp_path, batch_size=4, phase_pool=1, progress=False)

@@ -194,6 +194,13 @@ def run_sweep(
     start = time.perf_counter()
     extra = sweep_metadata(pipe, cfg, batch_size, phase_pool, dist, extra_metadata)
     store.check(cfg)  # every process: a different sweep stops them all before anything is written
+    previous_pool = (store.read_metadata() or {}).get("phase_pool")
+    if phase_pool is None:
+        extra["phase_pool"] = previous_pool  # phases kept earlier stay described
+    elif previous_pool not in (None, phase_pool):
+        raise InvalidArgumentError(
+            f"{store.root} keeps phases pooled by {previous_pool}; resume with --phase_pool {previous_pool}"
+        )
     dist.barrier()
     if dist.is_main:
         store.claim(cfg, extra)
