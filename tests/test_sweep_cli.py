@@ -109,3 +109,24 @@ def test_unwritable_output_dir_is_refused(tmp_path, capsys):
 def test_analyze_refuses_bad_input(args, message, tmp_path, capsys):
     assert main(["analyze", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
+    import flux_ir.sweep.generate as generate_mod
+
+    out = tmp_path / "s"
+    real, calls = generate_mod.generate_batch, {"n": 0}
+
+    def stop_after_one_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate_mod, "generate_batch", stop_after_one_batch)
+    args = ["sweep", *TINY, "--n_alpha", "2", "--batch_size", "3", "--output_dir", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--progress=False"])
+    assert main(["analyze", str(out), "--embedder", "pixel", "--phases=False"]) == 0
+    field = pd.read_csv(out / "analysis" / "lipschitz_pixel32.csv")
+    assert field["lipschitz"].notna().sum() == 3  # a000_b000, a000_b001, a001_b000 (one batch)

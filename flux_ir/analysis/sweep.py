@@ -38,14 +38,21 @@ class SweepAnalysis:
 
 
 def open_sweep(sweep_dir: str | Path) -> tuple[SweepStore, SweepConfig, list[dict]]:
-    """The store, its settings and its per-point rows (from metadata.json); clear error if not a sweep."""
+    """The store, its settings and a row per grid point (`done`: its image exists, so an unfinished
+    sweep can be analysed too); a clear error if the directory holds no sweep."""
     store = SweepStore(sweep_dir)
     meta = store.read_metadata()
     if meta is None or "sweep" not in meta:
         raise InvalidArgumentError(
             f"{store.root} is not a sweep directory (no metadata.json); run `flux-ir sweep` first"
         )
-    return store, SweepConfig.from_signature(meta["sweep"]), meta.get("points", [])
+    cfg = SweepConfig.from_signature(meta["sweep"])
+    rows = [
+        {"index": p.index, "row": p.row, "col": p.col, "alpha": p.alpha, "beta": p.beta,
+         "file": f"images/{p.file}", "done": store.is_done(p)}
+        for p in cfg.grid.points()
+    ]  # fmt: skip
+    return store, cfg, rows
 
 
 def analyze_sweep(sweep_dir: str | Path, embedder: Embedder, phases: bool = True) -> SweepAnalysis:
