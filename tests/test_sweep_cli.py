@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from flux_ir.cli import main
 
@@ -13,21 +15,28 @@ TINY = ["--model", "flux-tiny", "--width", "32", "--height", "32", "--num_steps"
 def test_sweep_then_analyze_writes_images_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "s"
     args = ["sweep", *TINY, "--n_alpha", "3", "--n_beta", "2", "--batch_size", "4"]
-    code = main(
-        [*args, "--phases", "--phase_pool", "2", "--output_dir", str(out), "--progress=False"]
-    )
+    phases = ["--phases", "--phase_pool", "2", "--phase_images", "16"]
+    code = main([*args, *phases, "--output_dir", str(out), "--progress=False"])
     assert code == 0
     assert f"sweep directory: {out}" in capsys.readouterr().out
     assert len(pd.read_csv(out / "points.csv")) == 6
     assert len(list((out / "phases").glob("*.npy"))) == 6
+    assert Image.open(out / "phases" / "a002_b001_s01.png").size == (16, 16)
 
     assert main(["analyze", str(out), "--embedder", "pixel"]) == 0
     analysis = out / "analysis"
-    for name in ("mosaic.png", "lipschitz_pixel32.png", "overlay_pixel32.png", "phases.png"):
+    for name in (
+        "mosaic.png",
+        "lipschitz_pixel32.png",
+        "overlay_pixel32.png",
+        "phases_pixel32.png",
+    ):
         assert (analysis / name).stat().st_size > 0, name
     field = pd.read_csv(analysis / "lipschitz_pixel32.csv")
     assert len(field) == 6 and field["lipschitz"].notna().all()
     assert (out / "embeddings" / "pixel32.npz").is_file()
+    with np.load(analysis / "lipschitz_pixel32.npz") as saved:
+        assert saved["phase_fields"].shape == (2, 3, 2) and str(saved["phase_space"]) == "image"
 
 
 def test_preset_sets_the_papers_prompts(tmp_path):
@@ -67,6 +76,10 @@ def test_preset_sets_the_papers_prompts(tmp_path):
         (["--seeds", "1,2"], "--seeds must be three integers"),
         (["--preset", "paper"], "unknown preset 'paper'"),
         (["--phases", "--phase_pool", "3"], "--phase_pool must be a positive integer dividing"),
+        (
+            ["--phase_images", "32"],
+            "--phase_images must be a thumbnail size >= 8 and needs --phases",
+        ),
         (["--model", "flux-ultra"], "unknown model 'flux-ultra'"),
     ],
 )

@@ -202,3 +202,14 @@ def test_phases_are_kept_per_point_with_a_fixed_pooling(tiny, tmp_path):
     assert phase.shape == (2, 16, 2, 2) and phase.dtype == np.float16
     with pytest.raises(InvalidArgumentError, match="resume with --phase_pool 2"):
         run_sweep(tiny[0], cfg, tmp_path, batch_size=4, phase_pool=1, progress=False)
+
+
+def test_the_last_decoded_phase_is_the_final_image(tiny, tmp_path):
+    cfg = small_cfg(grid=GridSpec(n_alpha=1, n_beta=2))
+    run_sweep(tiny[0], cfg, tmp_path, batch_size=2, phase_pool=1, phase_images=SIZE, progress=False)
+    for name in ("a000_b000", "a000_b001"):
+        last = np.asarray(Image.open(tmp_path / "phases" / f"{name}_s01.png")).astype(int)
+        final = np.asarray(Image.open(tmp_path / "images" / f"{name}.png")).astype(int)
+        first = np.asarray(Image.open(tmp_path / "phases" / f"{name}_s00.png")).astype(int)
+        assert np.abs(last - final).max() <= 1  # x0 at the last step is the final latent
+        assert np.abs(first - final).max() > 8  # while the first step's estimate is not

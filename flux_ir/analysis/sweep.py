@@ -23,7 +23,7 @@ from flux_ir.analysis.lipschitz import Edges, embedding_grid, lipschitz_edges, l
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.store.atomic import atomic_path, write_text
 from flux_ir.sweep.config import SweepConfig
-from flux_ir.sweep.store import SweepStore
+from flux_ir.sweep.store import SweepStore, phase_image_file
 
 
 @dataclass
@@ -35,6 +35,7 @@ class SweepAnalysis:
     edges: Edges
     phase_fields: np.ndarray | None  # [steps, n_alpha, n_beta]
     out_dir: Path
+    phase_space: str | None = None  # "image": decoded x0 thumbnails embedded; "latent": pooled x0
 
 
 def open_sweep(sweep_dir: str | Path) -> tuple[SweepStore, SweepConfig, list[dict]]:
@@ -71,7 +72,11 @@ def analyze_sweep(sweep_dir: str | Path, embedder: Embedder, phases: bool = True
     emb = embedding_grid(vectors, rows_idx, cols_idx, grid.n_alpha, grid.n_beta)
     edges = lipschitz_edges(emb, d_alpha, d_beta)
     field = lipschitz_field(edges)
-    phase = phase_fields(store, cfg) if phases else None
+    phase, phase_space = None, None
+    if phases:
+        phase, phase_space = phase_image_fields(store, cfg, embedder), "image"
+        if phase is None:
+            phase, phase_space = phase_fields(store, cfg), "latent"
     out = store.root / "analysis"
     out.mkdir(exist_ok=True)
     arrays = {
@@ -83,11 +88,14 @@ def analyze_sweep(sweep_dir: str | Path, embedder: Embedder, phases: bool = True
     }
     if phase is not None:
         arrays["phase_fields"] = phase
+        arrays["phase_space"] = np.array(phase_space)
     with atomic_path(out / f"lipschitz_{embedder.name}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     write_text(out / f"lipschitz_{embedder.name}.csv", _field_csv(rows, field))
-    return SweepAnalysis(embedder.name, grid.alphas(), grid.betas(), field, edges, phase, out)
+    return SweepAnalysis(
+        embedder.name, grid.alphas(), grid.betas(), field, edges, phase, out, phase_space
+    )
 
 
 def phase_fields(store: SweepStore, cfg: SweepConfig) -> np.ndarray | None:
@@ -114,6 +122,37 @@ def phase_fields(store: SweepStore, cfg: SweepConfig) -> np.ndarray | None:
         )
         fields.append(lipschitz_field(lipschitz_edges(emb, d_alpha, d_beta)))
     return np.stack(fields)
+
+
+def phase_image_fields(
+    store: SweepStore, cfg: SweepConfig, embedder: Embedder
+) -> np.ndarray | None:
+    """Lipschitz field of the decoded x0 thumbnails at every step, embedded with `embedder`:
+    [steps, n_alpha, n_beta], or None when the sweep kept no step images (`--phase_images`)."""
+    steps = cfg.num_steps
+    points = [
+        p for p in cfg.grid.points()
+        if all((store.phases / phase_image_file(p, k)).is_file() for k in range(steps))
+    ]  # fmt: skip
+    if not points:
+        return None
+    files = [store.phases / phase_image_file(p, k) for k in range(steps) for p in points]
+    cache = store.root / "embeddings" / f"{embedder.name}_phases.npz"
+    vectors = embed_files(embedder, files, cache=cache).reshape(steps, len(points), -1)
+    d_alpha, d_beta = cfg.grid.spacing
+    rows, cols = [p.row for p in points], [p.col for p in points]
+    return np.stack(
+        [
+            lipschitz_field(
+                lipschitz_edges(
+                    embedding_grid(vectors[k], rows, cols, cfg.grid.n_alpha, cfg.grid.n_beta),
+                    d_alpha,
+                    d_beta,
+                )
+            )
+            for k in range(steps)
+        ]
+    )
 
 
 def _field_csv(rows: list[dict], field: np.ndarray) -> str:

@@ -34,6 +34,7 @@ def sweep(
     batch_size: int = 8,
     phases: bool = False,
     phase_pool: int = 4,
+    phase_images: int = 0,
     offload: bool | str = False,
     device: str | None = None,
     weights: str = "pretrained",
@@ -59,6 +60,8 @@ def sweep(
         batch_size: images per pipeline call.
         phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
         phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).
+        phase_images: with --phases, also VAE-decode every step's x0 into thumbnails of this many
+            pixels (0: off; costs one VAE decode per step and point), embedded by `analyze`.
         offload, device, weights: as for `capture`.
         progress: show a progress bar (points/s and ETA).
     """
@@ -99,6 +102,10 @@ def sweep(
         dtype=pipe_dtype,
     )
     check_run_args(batch_size, phase_pool if phases else None, cfg)
+    if phase_images and (not phases or not isinstance(phase_images, int) or phase_images < 8):
+        raise InvalidArgumentError(
+            f"--phase_images must be a thumbnail size >= 8 and needs --phases, got {phase_images!r}"
+        )
     SweepStore(output_dir).check(cfg)  # a different sweep is refused before the model loads
     validate_output_dir(output_dir)
 
@@ -120,6 +127,7 @@ def sweep(
             output_dir,
             batch_size=batch_size,
             phase_pool=phase_pool if phases else None,
+            phase_images=phase_images or None,
             dist=dist,
             progress=progress,
             extra_metadata={

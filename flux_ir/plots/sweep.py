@@ -66,7 +66,7 @@ def save_figure(fig, path: Path) -> Path:
 def plot_sweep(
     root: str | Path, rows: Sequence[dict], result: SweepAnalysis, cell: int = 64
 ) -> dict[str, Path]:
-    """Write mosaic.png, lipschitz_<emb>.png, overlay_<emb>.png (and phases_<emb>.png) in result.out_dir."""
+    """Write mosaic.png, lipschitz_<emb>.png, overlay_<emb>.png (and phases_<emb>.png) in result.out_dir."""  # noqa: E501
     root = Path(root)
     alphas, betas = result.alphas, result.betas
     n_alpha, n_beta = len(alphas), len(betas)
@@ -96,11 +96,20 @@ def plot_sweep(
     paths["overlay"] = save_figure(fig, out / f"overlay_{result.embedder}.png")
 
     if result.phase_fields is not None:
-        paths["phases"] = plot_phases(result.phase_fields, alphas, betas, out / "phases.png")
+        space = f"decoded, {result.embedder}" if result.phase_space == "image" else "latent space"
+        paths["phases"] = plot_phases(
+            result.phase_fields, alphas, betas, out / f"phases_{result.embedder}.png", space
+        )
     return paths
 
 
-def plot_phases(fields: np.ndarray, alphas: np.ndarray, betas: np.ndarray, path: Path) -> Path:
+def plot_phases(
+    fields: np.ndarray,
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    path: Path,
+    space: str = "latent space",
+) -> Path:
     """One heatmap per denoising step of fields [steps, n_alpha, n_beta], each on its own colour scale."""
     steps = fields.shape[0]
     ncols = min(steps, 6)
@@ -118,5 +127,5 @@ def plot_phases(fields: np.ndarray, alphas: np.ndarray, betas: np.ndarray, path:
         ax.set_title(f"step {k}: x0 estimate")
         ax.set_xlabel("beta")
         ax.set_ylabel("alpha")
-    fig.suptitle("Lipschitz field of the x0 estimate per denoising step (latent space)")
+    fig.suptitle(f"Lipschitz field of the x0 estimate per denoising step ({space})")
     return save_figure(fig, path)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import flux_ir
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.lens.decode import decode_packed
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.grid import GridPoint, grid_latents, vertex_latents
 from flux_ir.sweep.shard import Distributed
@@ -172,6 +173,7 @@ def run_sweep(
     *,
     batch_size: int = 8,
     phase_pool: int | None = None,
+    phase_images: int | None = None,
     dist: Distributed | None = None,
     progress: bool = True,
     extra_metadata: dict | None = None,
@@ -181,9 +183,16 @@ def run_sweep(
     Points are sharded over `dist`'s processes; each writes its images (atomically) and its part of the
     points table after every batch, so an interruption loses at most the batch in flight. Rank 0 merges
     `points.csv` and `metadata.json` once all processes are done. `phase_pool` (None: off) keeps the
-    per-step x0 latents, average-pooled by that factor, in `phases/`.
+    per-step x0 latents, average-pooled by that factor, in `phases/`; `phase_images` (None: off, needs
+    `phase_pool`) also VAE-decodes every step's x0 and keeps it as a thumbnail of that many pixels.
     """
     check_run_args(batch_size, phase_pool, cfg)
+    if phase_images is not None and (
+        phase_pool is None or not isinstance(phase_images, int) or phase_images < 8
+    ):
+        raise InvalidArgumentError(
+            f"--phase_images must be a thumbnail size >= 8 and needs --phases, got {phase_images!r}"
+        )
     actual = str(pipe.transformer.dtype).removeprefix("torch.")
     if cfg.dtype is not None and cfg.dtype != actual:
         raise InvalidArgumentError(
@@ -192,7 +201,7 @@ def run_sweep(
     dist = dist or Distributed()
     store = SweepStore(out_dir)
     start = time.perf_counter()
-    extra = sweep_metadata(pipe, cfg, batch_size, phase_pool, dist, extra_metadata)
+    extra = sweep_metadata(pipe, cfg, batch_size, phase_pool, phase_images, dist, extra_metadata)
     store.check(cfg)  # every process: a different sweep stops them all before anything is written
     previous_pool = (store.read_metadata() or {}).get("phase_pool")
     if phase_pool is None:
@@ -212,7 +221,7 @@ def run_sweep(
     if phase_pool is not None:
         store.phases.mkdir(parents=True, exist_ok=True)
     if mine:
-        _generate(pipe, cfg, store, mine, batch_size, phase_pool, dist, progress)
+        _generate(pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress)
     dist.barrier()
     if dist.is_main:
         store.finalise(cfg, grid_norms(cfg), extra)
@@ -227,6 +236,7 @@ def _generate(
     points: Sequence[GridPoint],
     batch_size: int,
     phase_pool: int | None,
+    phase_images: int | None,
     dist: Distributed,
     progress: bool,
 ) -> None:
@@ -234,8 +244,10 @@ def _generate(
     cond = encode_conditioning(pipe, cfg)
     rows: list[dict] = []
 
-    def write(batch, images, x0, before, after) -> None:
+    def write(batch, images, x0, thumbs, before, after) -> None:
         for k, (point, image) in enumerate(zip(batch, images)):
+            for step, thumb in enumerate(thumbs[k] if thumbs is not None else []):
+                store.save_phase_image(point, step, thumb)
             if x0 is not None:
                 store.save_phases(point, x0[k].numpy())
             store.save_image(point, image)  # last: an image marks the point done
@@ -258,12 +270,39 @@ def _generate(
         for lo in range(0, len(points), batch_size):
             batch = points[lo : lo + batch_size]
             z, before, after = grid_latents(vertices, cfg.grid, batch)
-            images, x0 = generate_batch(pipe, cfg, cond, z, phase_pool)
+            keep = phase_pool if phase_images is None else 1  # decoding needs the full x0
+            images, x0 = generate_batch(pipe, cfg, cond, z, keep)
+            thumbs = None
+            if phase_images is not None:
+                thumbs = decode_steps(pipe, cfg, x0, phase_images)
+                x0 = pool_steps(x0, phase_pool)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(write, batch, images, x0, before, after)
+            pending = writer.submit(write, batch, images, x0, thumbs, before, after)
         if pending is not None:
             pending.result()
+
+
+def pool_steps(x0: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B, steps, C, h, w] -> [B, steps, C, h/pool, w/pool] by average pooling."""
+    if pool == 1:
+        return x0
+    b, k = x0.shape[:2]
+    pooled = F.avg_pool2d(x0.flatten(0, 1), pool)
+    return pooled.view(b, k, *pooled.shape[1:])
+
+
+@torch.inference_mode()
+def decode_steps(
+    pipe: FluxPipeline, cfg: SweepConfig, x0: torch.Tensor, size: int
+) -> list[list[Image.Image]]:
+    """VAE-decode x0 [B, steps, 16, h, w] step by step; thumbnails of `size` px, [point][step]."""
+    thumbs: list[list[Image.Image]] = [[] for _ in range(x0.shape[0])]
+    for step in range(x0.shape[1]):
+        packed = pack(x0[:, step]).to(pipe._execution_device, pipe.transformer.dtype)
+        for k, image in enumerate(decode_packed(pipe, packed, cfg.height, cfg.width)):
+            thumbs[k].append(image.resize((size, size), Image.Resampling.BILINEAR))
+    return thumbs
 
 
 def point_row(point: GridPoint, norm_before: float, norm_after: float) -> dict:
@@ -298,6 +337,7 @@ def sweep_metadata(
     cfg: SweepConfig,
     batch_size: int,
     phase_pool: int | None,
+    phase_images: int | None,
     dist: Distributed,
     extra: dict | None,
 ) -> dict:
@@ -309,6 +349,7 @@ def sweep_metadata(
         "batch_size": batch_size,
         "processes": dist.world,
         "phase_pool": phase_pool,
+        "phase_images": phase_images,
         "device": str(pipe._execution_device),
         "pipeline_dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "versions": {

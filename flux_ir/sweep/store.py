@@ -13,6 +13,7 @@ Layout::
     <dir>/points.csv             the same per-point table (pandas.read_csv), `done` = image written
     <dir>/images/a000_b000.png   one image per point (row = alpha index, col = beta index)
     <dir>/phases/a000_b000.npy   optional: per-step x0 latents of the point (float16)
+    <dir>/phases/a000_b000_s00.png  optional: the decoded x0 estimate at step 0 (a thumbnail)
     <dir>/parts/points.rankR.csv per process, rewritten after each batch, merged by finalise
 """
 
@@ -131,6 +132,13 @@ class SweepStore:
                 np.save(f, x0.astype(np.float16), allow_pickle=False)
         return path
 
+    def save_phase_image(self, point: GridPoint, step: int, image: Image.Image) -> Path:
+        """The decoded x0 estimate of one point at one step (a thumbnail)."""
+        path = self.phases / phase_image_file(point, step)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        return path
+
     def load_phases(self, point: GridPoint) -> np.ndarray:
         return np.load(self.phases / phase_file(point), allow_pickle=False)
 
@@ -173,6 +181,10 @@ class SweepStore:
 
 def phase_file(point: GridPoint) -> str:
     return point.file.replace(".png", ".npy")
+
+
+def phase_image_file(point: GridPoint, step: int) -> str:
+    return point.file.replace(".png", f"_s{step:02d}.png")
 
 
 def table_csv(rows: Sequence[dict]) -> str:
