@@ -33,9 +33,9 @@ def test_two_processes_write_disjoint_shards_equal_to_one_process(tiny, tmp_path
 
     cfg = SweepConfig(
         model="flux-tiny", width=32, height=32, num_steps=2, max_sequence_length=32, guidance=3.5,
-        grid=GridSpec(n_alpha=2, n_beta=3),
+        grid=GridSpec(n_alpha=2, n_beta=3), dtype="float32",
     )  # fmt: skip
     one = tmp_path / "one"
     run_sweep(tiny[0], cfg, one, batch_size=6, progress=False)
-    assert meta["sweep"] == json.loads((one / "metadata.json").read_text())["sweep"]
+    assert meta["sweep"] == json.loads((one / "metadata.json").read_text())["sweep"]  # same sweep
     assert_same_images(pixels(one), pixels(out))
