@@ -147,3 +147,22 @@ def test_slerp_path_hits_both_ends_and_interpolates_norms_linearly(vertices):
 def test_paths_need_two_points(vertices):
     with pytest.raises(InvalidArgumentError, match="at least 2 points"):
         slerp_path(vertices[0], vertices[1], 1)
+
+
+def test_vertices_from_a_file_replace_the_seeded_ones(vertices, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "v.npy"
+    np.save(path, (vertices * 2).numpy())
+    cfg = SweepConfig(width=64, height=64, vertices=str(path))
+    assert torch.equal(cfg.vertex_latents(), vertices * 2)
+    assert cfg.signature()["vertices_sha256"] and "vertices" not in cfg.signature()
+
+
+def test_vertices_of_the_wrong_shape_are_refused(vertices, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "v.npy"
+    np.save(path, vertices.numpy())
+    with pytest.raises(InvalidArgumentError, match="a 128x128 sweep needs \\(3, 16, 16, 16\\)"):
+        SweepConfig(width=128, height=128, vertices=str(path))

@@ -26,6 +26,7 @@ def sweep(
     num_steps: int | None = None,
     guidance: float | None = None,
     seeds=DEFAULT_SEEDS,
+    vertices: str | None = None,
     alpha="0,1",
     beta="0,1",
     n_alpha: int = 10,
@@ -54,6 +55,7 @@ def sweep(
         width, height: pixels, multiples of 16.
         num_steps, guidance: sampling (model defaults; guidance is ignored by schnell).
         seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200).
+        vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8].
         alpha, beta: intervals "start,end"; zoom with sub-intervals, extend with e.g. -10,10.
         n_alpha, n_beta: points along each axis (n_beta defaults to n_alpha).
         normalisation: annulus (norm sqrt(d)), std (z / z.std()), vertex (mean vertex norm), none.
@@ -92,6 +94,7 @@ def sweep(
         guidance=spec.guidance if guidance is None else guidance,
         max_sequence_length=spec.max_sequence_length,
         seeds=seeds,
+        vertices=vertices,
         grid=GridSpec(
             alpha=alpha,
             beta=beta,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from flux_ir.capture.options import validate_size
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.sweep.grid import GridSpec
+from flux_ir.sweep.grid import GridSpec, file_sha256, load_vertices, vertex_latents
 
 # The prompts of "Hessian Geometry of Latent Space in Generative Models" (Lobashev et al., 2025).
 PRESETS: dict[str, dict] = {
@@ -41,9 +41,11 @@ class SweepConfig:
     max_sequence_length: int = 256
     seeds: tuple[int, int, int] = DEFAULT_SEEDS
     grid: GridSpec = field(default_factory=GridSpec)
-    dtype: str | None = (
-        None  # the pipeline's dtype, when the caller wants it to be part of the sweep
+    vertices: str | None = None  # a file of vertex latents, used instead of `seeds`
+    vertices_sha256: str | None = (
+        None  # filled in from the file: a resume must use the same latents
     )
+    dtype: str | None = None  # the pipeline's dtype, when the caller wants it part of the sweep
 
     def __post_init__(self) -> None:
         validate_size(self.width, self.height)
@@ -75,6 +77,9 @@ class SweepConfig:
                 f"--seeds must be three integers (one per vertex z0, z1, z2), got {self.seeds!r}"
             )
         object.__setattr__(self, "seeds", seeds)
+        if self.vertices is not None:
+            load_vertices(self.vertices, self.height, self.width)  # exists, readable, right shape
+            object.__setattr__(self, "vertices_sha256", file_sha256(self.vertices))
         object.__setattr__(self, "true_cfg_scale", float(self.true_cfg_scale))
 
     @classmethod
@@ -89,11 +94,18 @@ class SweepConfig:
     def true_cfg(self) -> bool:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
 
+    def vertex_latents(self):
+        """[3, 16, H/8, W/8] float32: from `vertices` if given, else from `seeds`."""
+        if self.vertices is not None:
+            return load_vertices(self.vertices, self.height, self.width)
+        return vertex_latents(self.seeds, self.height, self.width)
+
     def signature(self) -> dict:
         """Plain dict of every setting; two sweeps with equal signatures produce the same images."""
         d = asdict(self)
         d["seeds"] = list(self.seeds)
         d["grid"] = self.grid.to_dict()
+        d.pop("vertices")  # the file may move; its content (sha256) is what must match
         return d
 
     @classmethod
@@ -103,4 +115,4 @@ class SweepConfig:
             **{**d["grid"], "alpha": tuple(d["grid"]["alpha"]), "beta": tuple(d["grid"]["beta"])}
         )
         d["seeds"] = tuple(d["seeds"])
-        return cls(**d)
+        return cls(**d)  # a sweep from a vertices file keeps its hash but not the path

@@ -33,7 +33,7 @@ import flux_ir
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens.decode import decode_packed
 from flux_ir.sweep.config import SweepConfig
-from flux_ir.sweep.grid import GridPoint, grid_latents, vertex_latents
+from flux_ir.sweep.grid import GridPoint, grid_latents
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
 
@@ -240,7 +240,7 @@ def _generate(
     dist: Distributed,
     progress: bool,
 ) -> None:
-    vertices = vertex_latents(cfg.seeds, cfg.height, cfg.width)
+    vertices = cfg.vertex_latents()
     cond = encode_conditioning(pipe, cfg)
     rows: list[dict] = []
 
@@ -322,7 +322,7 @@ def point_row(point: GridPoint, norm_before: float, norm_after: float) -> dict:
 
 def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, float]]:
     """Every point's latent norm before and after normalising (computed from the seeds, in chunks)."""
-    vertices = vertex_latents(cfg.seeds, cfg.height, cfg.width)
+    vertices = cfg.vertex_latents()
     points = cfg.grid.points()
     norms: dict[int, tuple[float, float]] = {}
     for lo in range(0, len(points), chunk):

@@ -19,9 +19,11 @@ depend on the batch or the process that generates it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,6 +135,44 @@ def vertex_latents(seeds: Sequence[int], height: int, width: int) -> torch.Tenso
     return torch.stack(
         [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
     )
+
+
+def load_vertices(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """Vertex latents [3, 16, H/8, W/8] float32 from a .npy file (no pickles) or a .safetensors file
+    (one tensor named `vertices`, or three named `z0`, `z1`, `z2`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidArgumentError(
+            f"--vertices {path} does not exist; give a .npy or .safetensors file"
+        )
+    try:
+        if path.suffix == ".npy":
+            v = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            v = (
+                tensors["vertices"]
+                if "vertices" in tensors
+                else torch.stack([tensors[k] for k in ("z0", "z1", "z2")])
+            )
+        else:
+            raise InvalidArgumentError(f"--vertices {path}: use a .npy or .safetensors file")
+    except (KeyError, ValueError, OSError) as err:
+        if isinstance(err, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"--vertices {path} could not be read: {err}") from err
+    expected = (3, *latent_shape(height, width))
+    if tuple(v.shape) != expected:
+        raise InvalidArgumentError(
+            f"--vertices {path} holds shape {tuple(v.shape)}; a {width}x{height} sweep needs {expected}"
+        )
+    return v.to(torch.float32)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def combine(vertices: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
