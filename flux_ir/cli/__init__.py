@@ -23,8 +23,9 @@ def run_fire(component, argv: list[str] | None = None, name: str = "flux-ir") ->
 def commands() -> dict[str, Callable]:
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
+    from flux_ir.cli.sweep import analyze, sweep
 
-    return {"capture": capture, "decode": decode}
+    return {"capture": capture, "decode": decode, "sweep": sweep, "analyze": analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

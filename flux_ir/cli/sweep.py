@@ -1,0 +1,186 @@
+"""`flux-ir sweep` / `grid_sweep.py` and `flux-ir analyze`: latent-grid sweeps and their analysis."""
+
+from __future__ import annotations
+
+from flux_ir.capture.options import validate_output_dir
+from flux_ir.cli.capture import check_device
+from flux_ir.errors import InvalidArgumentError
+from flux_ir.models import load_pipeline, resolve_model
+from flux_ir.models.loading import check_weights, default_dtype, normalize_offload
+from flux_ir.sweep.config import DEFAULT_SEEDS, PRESETS, SweepConfig
+from flux_ir.sweep.generate import check_run_args
+from flux_ir.sweep.grid import GridSpec
+from flux_ir.sweep.shard import Distributed
+from flux_ir.sweep.store import SweepStore
+
+
+def sweep(
+    model: str = "flux-schnell",
+    output_dir: str = "output/sweep",
+    preset: str | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    true_cfg_scale: float | None = None,
+    width: int = 512,
+    height: int = 512,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    seeds=DEFAULT_SEEDS,
+    vertices: str | None = None,
+    alpha="0,1",
+    beta="0,1",
+    n_alpha: int = 10,
+    n_beta: int | None = None,
+    normalisation: str = "annulus",
+    batch_size: int = 8,
+    phases: bool = False,
+    phase_pool: int = 4,
+    phase_images: int = 0,
+    offload: bool | str = False,
+    device: str | None = None,
+    weights: str = "pretrained",
+    progress: bool = True,
+) -> None:
+    """Generate an n_alpha x n_beta latent grid z0 + a(z1 - z0) + b(z2 - z0) into --output_dir.
+
+    Re-running the same command resumes (finished points are skipped); a different sweep in the same
+    directory is refused. Launch with `torchrun --nproc_per_node N` to shard the points over N GPUs.
+
+    Args:
+        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, or a local FluxPipeline directory.
+        output_dir: the sweep directory (images/, metadata.json, points.csv).
+        preset: "hessian-paper": the paper's prompt, negative prompt and true CFG scale 5.
+        prompt, negative_prompt, true_cfg_scale: text conditioning; true CFG when scale > 1 and a
+            negative prompt is given (overrides the preset's values).
+        width, height: pixels, multiples of 16.
+        num_steps, guidance: sampling (model defaults; guidance is ignored by schnell).
+        seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200).
+        vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8].
+        alpha, beta: intervals "start,end"; zoom with sub-intervals, extend with e.g. -10,10.
+        n_alpha, n_beta: points along each axis (n_beta defaults to n_alpha).
+        normalisation: annulus (norm sqrt(d)), std (z / z.std()), vertex (mean vertex norm), none.
+        batch_size: images per pipeline call.
+        phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
+        phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).
+        phase_images: with --phases, also VAE-decode every step's x0 into thumbnails of this many
+            pixels (0: off; costs one VAE decode per step and point), embedded by `analyze`.
+        offload, device, weights: as for `capture`.
+        progress: show a progress bar (points/s and ETA).
+    """
+    dist = Distributed.from_env()
+    spec = resolve_model(str(model))
+    if preset is not None and preset not in PRESETS:
+        raise InvalidArgumentError(
+            f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}."
+        )
+    base = dict(PRESETS[preset]) if preset is not None else {}
+    for key, value in (
+        ("prompt", prompt),
+        ("negative_prompt", negative_prompt),
+        ("true_cfg_scale", true_cfg_scale),
+    ):
+        if value is not None:
+            base[key] = value
+    device = check_device(dist.device(device))
+    offload_mode = normalize_offload(offload)
+    check_weights(weights)
+    pipe_dtype = str(default_dtype(device)).removeprefix("torch.")
+    cfg = SweepConfig(
+        **base,
+        model=spec.name if weights == "pretrained" else f"{spec.name} (random weights)",
+        width=width,
+        height=height,
+        num_steps=spec.num_steps if num_steps is None else num_steps,
+        guidance=spec.guidance if guidance is None else guidance,
+        max_sequence_length=spec.max_sequence_length,
+        seeds=seeds,
+        vertices=vertices,
+        grid=GridSpec(
+            alpha=alpha,
+            beta=beta,
+            n_alpha=n_alpha,
+            n_beta=n_alpha if n_beta is None else n_beta,
+            normalisation=normalisation,
+        ),
+        dtype=pipe_dtype,
+    )
+    check_run_args(batch_size, phase_pool if phases else None, cfg)
+    if phase_images and (not phases or not isinstance(phase_images, int) or phase_images < 8):
+        raise InvalidArgumentError(
+            f"--phase_images must be a thumbnail size >= 8 and needs --phases, got {phase_images!r}"
+        )
+    SweepStore(output_dir).check(cfg)  # a different sweep is refused before the model loads
+    validate_output_dir(output_dir)
+
+    dist.init(device)
+    try:
+        if dist.is_main:
+            n = cfg.grid.n_alpha * cfg.grid.n_beta
+            print(
+                f"loading {spec.name} ({weights} weights) on {device} for a {n}-point sweep "
+                f"({dist.world} process(es)) ...",
+                flush=True,
+            )
+        pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
+        from flux_ir.sweep.generate import run_sweep
+
+        result = run_sweep(
+            pipe,
+            cfg,
+            output_dir,
+            batch_size=batch_size,
+            phase_pool=phase_pool if phases else None,
+            phase_images=phase_images or None,
+            dist=dist,
+            progress=progress,
+            extra_metadata={
+                "model_source": spec.source,
+                "offload": offload_mode,
+                "weights": weights,
+            },
+        )
+        if dist.is_main:
+            print(
+                f"{result.skipped} point(s) already done; generated {result.generated} here "
+                f"in {result.seconds:.1f} s"
+            )
+            print(f"sweep directory: {result.store.root}")
+    finally:
+        dist.close()
+
+
+def analyze(
+    sweep_dir: str,
+    embedder: str = "clip",
+    clip_model: str = "openai/clip-vit-large-patch14",
+    device: str | None = None,
+    phases: bool = True,
+    cell: int = 64,
+) -> None:
+    """Embed a sweep's images, compute the Lipschitz field (and per-step phase maps), draw the plots.
+
+    Args:
+        sweep_dir: a directory written by `flux-ir sweep`.
+        embedder: clip (transformers CLIP vision, --clip_model), clip-tiny (random miniature), or
+            pixel (the image resized to 32x32; no weights).
+        clip_model: hub id or local directory of a CLIP model.
+        device: where CLIP runs (default cuda when available).
+        phases: also compute the per-step phase maps when the sweep kept them (--phases).
+        cell: thumbnail size in the mosaic, pixels.
+    """
+    from flux_ir.analysis.embed import check_embedder, make_embedder
+    from flux_ir.analysis.sweep import analyze_sweep, open_sweep
+    from flux_ir.plots.sweep import plot_sweep
+
+    check_embedder(embedder)
+    if not isinstance(cell, int) or cell < 4:
+        raise InvalidArgumentError(f"--cell must be an integer >= 4, got {cell!r}")
+    _, _, _ = open_sweep(sweep_dir)  # not a sweep: fail before loading CLIP
+    device = check_device(device)
+    emb = make_embedder(embedder, clip_model=clip_model, device=device)
+    result = analyze_sweep(sweep_dir, emb, phases=phases)
+    _, _, rows = open_sweep(sweep_dir)
+    paths = plot_sweep(sweep_dir, rows, result, cell=cell)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"analysis directory: {result.out_dir}")

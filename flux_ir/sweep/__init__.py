@@ -1,0 +1,34 @@
+"""Sweep: latent grids (and 1-D paths) between seeded vertex latents, generated in batches, resumable,
+sharded over processes."""
+
+from flux_ir.sweep.config import PRESETS, SweepConfig
+from flux_ir.sweep.generate import encode_conditioning, generate_batch, run_sweep
+from flux_ir.sweep.grid import (
+    NORMALISATIONS,
+    GridPoint,
+    GridSpec,
+    grid_latents,
+    normalise,
+    vertex_latents,
+)
+from flux_ir.sweep.paths import lerp_path, slerp_path
+from flux_ir.sweep.shard import Distributed
+from flux_ir.sweep.store import SweepStore
+
+__all__ = [
+    "NORMALISATIONS",
+    "PRESETS",
+    "Distributed",
+    "GridPoint",
+    "GridSpec",
+    "SweepConfig",
+    "SweepStore",
+    "encode_conditioning",
+    "generate_batch",
+    "grid_latents",
+    "lerp_path",
+    "normalise",
+    "run_sweep",
+    "slerp_path",
+    "vertex_latents",
+]

@@ -1,0 +1,212 @@
+"""The latent grid: three vertex latents, the parallelogram they span, and its normalisation.
+
+    spec = GridSpec(alpha=(0.0, 1.0), beta=(0.0, 1.0), n_alpha=10, n_beta=10, normalisation="annulus")
+    vertices = vertex_latents((0, 123, 200), height=512, width=512)      # [3, 16, 64, 64] float32
+    z, before, after = grid_latents(vertices, spec, spec.points()[:8])   # [8, 16, 64, 64], [8], [8]
+
+A point is `z = z0 + a (z1 - z0) + b (z2 - z0)` for `a` on `n_alpha` values spread evenly over
+`alpha` and `b` on `n_beta` values over `beta` (both ends included). Zooming in is choosing
+sub-intervals; scalars far outside [0, 1] (10x, 1000x) are allowed. Every point is then normalised:
+
+- `annulus`: scaled to norm sqrt(d), the radius where d-dimensional Gaussian noise concentrates;
+- `std`: `z / z.std()` (the Hessian-geometry paper's code);
+- `vertex`: scaled to the mean norm of the three vertices;
+- `none`: left as is.
+
+Latents are computed in float32 on the CPU from the vertices alone, so a point's latent does not
+depend on the batch or the process that generates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flux_ir.errors import InvalidArgumentError
+
+NORMALISATIONS = ("annulus", "std", "vertex", "none")
+LATENT_CHANNELS = 16  # FLUX.1's VAE
+VAE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One grid point: `row` indexes alpha, `col` indexes beta; `index = row * n_beta + col`."""
+
+    index: int
+    row: int
+    col: int
+    alpha: float
+    beta: float
+
+    @property
+    def file(self) -> str:
+        return f"a{self.row:03d}_b{self.col:03d}.png"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """An `n_alpha` x `n_beta` grid over the intervals `alpha` and `beta`, and its normalisation."""
+
+    alpha: tuple[float, float] = (0.0, 1.0)
+    beta: tuple[float, float] = (0.0, 1.0)
+    n_alpha: int = 10
+    n_beta: int = 10
+    normalisation: str = "annulus"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_interval("alpha", self.alpha))
+        object.__setattr__(self, "beta", check_interval("beta", self.beta))
+        for name in ("n_alpha", "n_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(
+                    f"--{name} must be a positive integer (points along that axis), got {value!r}"
+                )
+        check_normalisation(self.normalisation)
+
+    def alphas(self) -> np.ndarray:
+        """[n_alpha] float64, both interval ends included (a single point sits at the start)."""
+        return np.linspace(*self.alpha, self.n_alpha)
+
+    def betas(self) -> np.ndarray:
+        return np.linspace(*self.beta, self.n_beta)
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """(d_alpha, d_beta) between neighbouring points (nan along an axis of one point)."""
+        da = (self.alpha[1] - self.alpha[0]) / (self.n_alpha - 1) if self.n_alpha > 1 else math.nan
+        db = (self.beta[1] - self.beta[0]) / (self.n_beta - 1) if self.n_beta > 1 else math.nan
+        return da, db
+
+    def points(self) -> list[GridPoint]:
+        alphas, betas = self.alphas(), self.betas()
+        return [
+            GridPoint(r * self.n_beta + c, r, c, float(alphas[r]), float(betas[c]))
+            for r in range(self.n_alpha)
+            for c in range(self.n_beta)
+        ]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["alpha"], d["beta"] = list(self.alpha), list(self.beta)
+        return d
+
+
+def check_interval(name: str, value: Sequence[float] | str) -> tuple[float, float]:
+    """Parse `(lo, hi)` or "lo,hi"; lo < hi, both finite."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgumentError(
+            f"--{name} must be two numbers 'start,end' such as 0,1, got {value!r}"
+        ) from err
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+        raise InvalidArgumentError(
+            f"--{name} interval {lo},{hi} is empty or not finite; give start < end, e.g. --{name} 0,1"
+        )
+    return lo, hi
+
+
+def check_normalisation(mode: str) -> str:
+    if mode not in NORMALISATIONS:
+        raise InvalidArgumentError(
+            f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALISATIONS)}."
+        )
+    return mode
+
+
+def latent_shape(height: int, width: int) -> tuple[int, int, int]:
+    """FLUX's unpacked latent shape (16, H/8, W/8) for an image of `height` x `width` pixels."""
+    return LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR
+
+
+def vertex_latents(seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """Standard Gaussian latents [len(seeds), 16, H/8, W/8] float32, one CPU generator per seed."""
+    shape = latent_shape(height, width)
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    )
+
+
+def load_vertices(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """Vertex latents [3, 16, H/8, W/8] float32 from a .npy file (no pickles) or a .safetensors file
+    (one tensor named `vertices`, or three named `z0`, `z1`, `z2`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidArgumentError(
+            f"--vertices {path} does not exist; give a .npy or .safetensors file"
+        )
+    try:
+        if path.suffix == ".npy":
+            v = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            v = (
+                tensors["vertices"]
+                if "vertices" in tensors
+                else torch.stack([tensors[k] for k in ("z0", "z1", "z2")])
+            )
+        else:
+            raise InvalidArgumentError(f"--vertices {path}: use a .npy or .safetensors file")
+    except (KeyError, ValueError, OSError) as err:
+        if isinstance(err, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"--vertices {path} could not be read: {err}") from err
+    expected = (3, *latent_shape(height, width))
+    if tuple(v.shape) != expected:
+        raise InvalidArgumentError(
+            f"--vertices {path} holds shape {tuple(v.shape)}; a {width}x{height} sweep needs {expected}"
+        )
+    return v.to(torch.float32)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+
+
+def combine(vertices: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Vertices [3, C, h, w], alpha and beta [B] -> z0 + alpha (z1 - z0) + beta (z2 - z0), [B, C, h, w]."""
+    z0, z1, z2 = vertices.to(torch.float32)
+    a = alpha.to(torch.float32).view(-1, 1, 1, 1)
+    b = beta.to(torch.float32).view(-1, 1, 1, 1)
+    return z0 + a * (z1 - z0) + b * (z2 - z0)
+
+
+def normalise(z: torch.Tensor, mode: str, vertices: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalise each latent of z [B, ...] independently (see the module docstring)."""
+    check_normalisation(mode)
+    if mode == "none":
+        return z
+    flat = z.flatten(1)
+    if mode == "std":
+        return z / flat.std(dim=1).view(-1, *[1] * (z.dim() - 1))
+    if mode == "annulus":
+        radius = math.sqrt(flat.shape[1])
+    else:
+        if vertices is None:
+            raise InvalidArgumentError("normalisation 'vertex' needs the vertex latents")
+        radius = float(vertices.flatten(1).norm(dim=1).mean())
+    return z * (radius / flat.norm(dim=1)).view(-1, *[1] * (z.dim() - 1))
+
+
+def grid_latents(
+    vertices: torch.Tensor, spec: GridSpec, points: Sequence[GridPoint]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents [B, 16, h, w] float32 for `points`, and their norms [B] before and after normalising."""
+    alpha = torch.tensor([p.alpha for p in points], dtype=torch.float64)
+    beta = torch.tensor([p.beta for p in points], dtype=torch.float64)
+    z = combine(vertices, alpha, beta)
+    before = z.flatten(1).norm(dim=1)
+    z = normalise(z, spec.normalisation, vertices)
+    return z, before, z.flatten(1).norm(dim=1)
