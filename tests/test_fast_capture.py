@@ -72,6 +72,20 @@ def test_pinned_pool_reuses_released_slabs():
     assert pool.acquire(2000).data_ptr() == a.data_ptr()
 
 
+def test_pinned_pool_hands_back_the_smallest_fitting_slab_among_several():
+    mb = 1 << 20
+    pool = PinnedPool(budget=200 * mb, pin=False)
+    big, small = pool.acquire(90 * mb), pool.acquire(20 * mb)  # 96 MiB and 32 MiB slabs
+    pool.release(big)
+    pool.release(small)
+    assert pool.acquire(10 * mb) is small  # the smaller slab that fits, found by identity
+    assert pool.acquire(10 * mb) is big
+    pool.release(big)
+    pool.release(small)
+    huge = pool.acquire(150 * mb)  # fits neither: free slabs are dropped until the budget allows it
+    assert huge.numel() == 160 * mb and pool.free == [] and pool.total == 160 * mb
+
+
 def test_single_block_slices_are_copied_as_their_joint_buffer():
     from flux_ir.capture.trace import _joint_parent
 

@@ -53,10 +53,14 @@ class SyncCopier:
 
 
 class PinnedPool:
-    """Reused page-locked slabs, at most `budget` bytes in all (one slab may exceed it alone)."""
+    """Reused page-locked slabs, at most `budget` bytes in all (one slab may exceed it alone).
 
-    def __init__(self, budget: int):
+    `pin=False` allocates ordinary memory (the same bookkeeping, testable without CUDA).
+    """
+
+    def __init__(self, budget: int, pin: bool = True):
         self.budget = budget
+        self.pin = pin
         self.total = 0
         self.free: list[torch.Tensor] = []
         self.cond = threading.Condition()
@@ -65,19 +69,17 @@ class PinnedPool:
         """A uint8 pinned slab of at least `nbytes`; blocks while the pool is exhausted."""
         with self.cond:
             while True:
-                fits = [s for s in self.free if s.numel() >= nbytes]
+                # indices, not list.remove: tensors compare elementwise, not by identity
+                fits = [i for i, s in enumerate(self.free) if s.numel() >= nbytes]
                 if fits:
-                    slab = min(fits, key=torch.Tensor.numel)
-                    self.free.remove(slab)
-                    return slab
+                    return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
                 size = -(-nbytes // SLAB_ROUND) * SLAB_ROUND
                 if self.total + size <= self.budget or self.total == 0:
                     self.total += size
-                    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                    return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
                 if self.free:  # free slabs too small: drop the smallest and try again
-                    small = min(self.free, key=torch.Tensor.numel)
-                    self.free.remove(small)
-                    self.total -= small.numel()
+                    i = min(range(len(self.free)), key=lambda i: self.free[i].numel())
+                    self.total -= self.free.pop(i).numel()
                     continue
                 self.cond.wait()
 
