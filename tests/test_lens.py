@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from flux_ir.capture import run_capture
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens import (
     BlockStep,
@@ -13,6 +14,9 @@ from flux_ir.lens import (
     decode_capture,
     lens_latents,
 )
+from flux_ir.models import load_pipeline
+
+from .conftest import small_opts
 
 
 def _next_latents(cap, k):
@@ -28,6 +32,17 @@ def test_last_block_next_target_reproduces_the_pipelines_next_latent(tiny, tiny_
     for k in cap.captured_steps:
         z = block_latents(head, cap, BlockStep("single", last, k), target="next")
         torch.testing.assert_close(z, _next_latents(cap, k), rtol=1e-5, atol=1e-6)
+
+
+def test_identity_is_exact_in_bfloat16():
+    pipe, spec = load_pipeline("flux-tiny", device="cpu", dtype=torch.bfloat16)
+    _, cap = run_capture(pipe, small_opts(), model_name=spec.name)
+    head = LensHead.from_pipeline(pipe)
+    last = cap.block_indices["single"][-1]
+    for k in cap.captured_steps:
+        z = block_latents(head, cap, BlockStep("single", last, k), target="next")
+        assert z.dtype == torch.bfloat16
+        assert torch.equal(z, _next_latents(cap, k))
 
 
 def test_identity_holds_with_true_cfg(tiny, cfg_capture):

@@ -95,10 +95,13 @@ def lens_latents(
     """
     check_target(target)
     x = img_state.to(v.device, torch.float32)
+    # 0-dim float32 sigmas, as FlowMatchEulerDiscreteScheduler.step uses: a Python float takes another
+    # rounding path in bfloat16 and misses the pipeline's next latent by one ulp
+    sigma, sigma_next = torch.tensor(t_curr), torch.tensor(t_prev)
     if target == "x0":
-        out = x - t_curr * v
+        out = x - sigma * v
     else:
-        out = x + (t_prev - t_curr) * v
+        out = x + (sigma_next - sigma) * v
     return out.to(v.dtype)
 
 
