@@ -95,9 +95,11 @@ def lens_latents(
     """
     check_target(target)
     x = img_state.to(v.device, torch.float32)
-    # 0-dim float32 sigmas, as FlowMatchEulerDiscreteScheduler.step uses: a Python float takes another
-    # rounding path in bfloat16 and misses the pipeline's next latent by one ulp
-    sigma, sigma_next = torch.tensor(t_curr), torch.tensor(t_prev)
+    # 0-dim float32 sigmas on the velocity's device, as FlowMatchEulerDiscreteScheduler.step uses them
+    # (its sigmas live on the pipeline's device): a Python float, or a CPU scalar next to a CUDA tensor,
+    # takes another rounding path in bfloat16 and misses the pipeline's next latent by one ulp
+    sigma = torch.tensor(t_curr, device=v.device)
+    sigma_next = torch.tensor(t_prev, device=v.device)
     if target == "x0":
         out = x - sigma * v
     else:
