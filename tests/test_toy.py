@@ -24,6 +24,7 @@ from flux_ir.toy.quality import BARS, lens_convergence, phase_grid, spearman
 from flux_ir.toy.scenes import COLOURS, SHAPES, make_scenes
 from flux_ir.toy.train import (
     LOG_FILE,
+    CaptionEncoder,
     TrainConfig,
     caption_table,
     latent_statistics,
@@ -94,6 +95,20 @@ def test_timestep_shift_moves_mass_to_high_noise():
     shifted = sample_t(4096, 3.0, gen, torch.device("cpu"))
     assert (plain > 0).all() and (shifted < 1).all()
     assert (shifted >= plain).all() and shifted.median() > plain.median() + 0.1
+
+
+def test_caption_encoder_matches_the_pipelines_encode_prompt():
+    from flux_ir.models.toy import SMOKE_ARCH, build_toy_pipeline
+
+    pipe = build_toy_pipeline(SMOKE_ARCH)
+    texts = ["", "a red circle", "a blue square on a white background"]
+    enc = CaptionEncoder(pipe, texts, 16, torch.device("cpu"))
+    with torch.no_grad():
+        ours = enc.encode(pipe, torch.tensor([2, 0]))
+        ref = pipe.encode_prompt([texts[2], texts[0]], None, device="cpu", max_sequence_length=16)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
 
 
 def test_caption_dropout_rates_are_respected():

@@ -89,6 +89,7 @@ ARCH: dict = {
         dense_act_fn="gelu_new",
         feed_forward_proj="gated-gelu",
         is_gated_act=True,
+        dropout_rate=0.0,
     ),
     "scheduler": dict(num_train_timesteps=1000, shift=2.0, use_dynamic_shifting=False),
     "max_sequence_length": 16,

@@ -7,9 +7,10 @@
    standard deviation after the shift.
 2. Transformer (and both small text encoders, trained jointly): rectified flow. x_t = (1 - t) x0 + t e,
    target e - x0, t = shift(sigmoid(n)), n ~ N(0, 1) (SD3/FLUX logit-normal sampling, shifted like the
-   scheduler). Text goes through `FluxPipeline.encode_prompt`, latents through `_pack_latents`, positions
-   through `_prepare_latent_image_ids`. Captions drop to the neutral "" (and to partial captions) at
-   random, so the neutral prompt draws every shape. The weights exported are an EMA.
+   scheduler). Text is encoded as `FluxPipeline.encode_prompt` does (`CaptionEncoder`), latents
+   packed by `_pack_latents`, positions from `_prepare_latent_image_ids`. Captions drop to the
+   neutral "" (and to partial captions) at random, so the neutral prompt draws every shape. The
+   weights exported are an EMA.
 
 Every phase stops on its share of `time_budget_s`; weights are written atomically after the VAE phase,
 every `save_every_s` seconds and at the end, so an interrupted run still leaves a loadable model.
@@ -244,21 +245,57 @@ def sample_t(n: int, shift: float, gen: torch.Generator, device: torch.device) -
     return shift * t / (1 + (shift - 1) * t)
 
 
+class CaptionEncoder:
+    """Every training caption tokenised once, exactly as `FluxPipeline.encode_prompt` tokenises it.
+
+    `encode(pipe, rows)` then runs the text encoders as `encode_prompt` does (CLIP pooled output, T5
+    last hidden state, zero text ids) without re-tokenising each step; tests check the identity.
+    """
+
+    def __init__(
+        self, pipe: FluxPipeline, texts: list[str], max_sequence_length: int, device: torch.device
+    ) -> None:
+        self.clip_ids = pipe.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=pipe.tokenizer_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        self.t5_ids = pipe.tokenizer_2(
+            texts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+    def encode(
+        self, pipe: FluxPipeline, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Caption rows [K] -> (T5 embeds [K, L, D], CLIP pooled [K, P], text ids [L, 3])."""
+        pooled = pipe.text_encoder(self.clip_ids[rows], output_hidden_states=False).pooler_output
+        embeds = pipe.text_encoder_2(self.t5_ids[rows], output_hidden_states=False)[0]
+        text_ids = torch.zeros(
+            embeds.shape[1], 3, device=embeds.device, dtype=pipe.text_encoder.dtype
+        )
+        return embeds.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder.dtype), text_ids
+
+
 def flow_loss(
     pipe: FluxPipeline,
     x0: torch.Tensor,
-    texts: list[str],
+    text: tuple,
     cap_idx: torch.Tensor,
     gen: torch.Generator,
-    cfg: TrainConfig,
+    shift: float,
 ) -> torch.Tensor:
-    """Rectified-flow loss for normalised latents x0 [B, 16, h, w] with caption indices [B]."""
+    """Rectified-flow loss for normalised latents x0 [B, 16, h, w]; `text` = (embeds [K, L, D],
+    pooled [K, P], text ids [L, 3]) of K captions, `cap_idx` [B] picks each sample's caption."""
     b, c, h, w = x0.shape
     device = x0.device
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        texts, prompt_2=None, device=device, max_sequence_length=cfg.arch["max_sequence_length"]
-    )
-    t = sample_t(b, float(cfg.arch["scheduler"]["shift"]), gen, device)
+    prompt_embeds, pooled, text_ids = text
+    t = sample_t(b, shift, gen, device)
     noise = torch.randn(x0.shape, generator=gen, device=device)
     tt = t[:, None, None, None]
     xt = (1 - tt) * x0 + tt * noise
@@ -297,6 +334,8 @@ def train_transformer(
     for m in modules.values():
         m.train().requires_grad_(True)
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+    ema_params = [p for k in modules for p in ema[k].parameters()]
+    live_params = [p for k in modules for p in modules[k].parameters()]
     opt = torch.optim.AdamW(
         [
             dict(params=list(pipe.transformer.parameters()), lr=cfg.lr),
@@ -310,6 +349,7 @@ def train_transformer(
         betas=(0.9, 0.99),
     )
     texts, index = caption_table()
+    captions = CaptionEncoder(pipe, texts, cfg.arch["max_sequence_length"], device)
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = data["latents"].shape[0]
@@ -333,16 +373,15 @@ def train_transformer(
         where = {c: i for i, c in enumerate(used)}
         cap_idx = torch.tensor([where[c] for c in cap], device=device)
         with autocast(device):
-            loss = flow_loss(pipe, x0, [texts[c] for c in used], cap_idx, gen, cfg)
+            text = captions.encode(pipe, torch.tensor(used, device=device))
+            loss = flow_loss(pipe, x0, text, cap_idx, gen, float(cfg.arch["scheduler"]["shift"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, m in modules.items():
-                for pe, pm in zip(ema[k].parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
         if step % cfg.log_every == 0:
             rec = dict(
                 phase="transformer",
