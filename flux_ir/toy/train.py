@@ -53,6 +53,9 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4  # on the KL summed over latents / pixel count
     vae_max_steps: int = 1_000_000
+    vae_stop_psnr: float = (
+        35.0  # leave the VAE phase early once training PSNR (running mean) is this
+    )
     num_latents: int = 65536  # scenes encoded once for the transformer phase
     batch: int = 256
     lr: float = 5e-4
@@ -123,8 +126,13 @@ def train_vae(
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     size = cfg.arch["sample_size"]
-    start, step = clock.elapsed(), 0
+    start, step, mse_avg = clock.elapsed(), 0, 1.0
     while step < cfg.vae_max_steps and clock.elapsed() < deadline:
+        if step > 500 and 10 * math.log10(4.0 / mse_avg) >= cfg.vae_stop_psnr:
+            log(
+                f"[vae] training PSNR reached {cfg.vae_stop_psnr} dB: the rest goes to the transformer"
+            )
+            break
         progress = (clock.elapsed() - start) / max(deadline - start, 1e-6)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg.vae_lr, step, progress)
@@ -141,6 +149,8 @@ def train_vae(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if step % 25 == 0:  # one host sync every 25 steps
+            mse_avg = 0.7 * mse_avg + 0.3 * mse.item() if step else mse.item()
         if step % cfg.log_every == 0:
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))  # pixels in [-1, 1]
             rec = dict(
