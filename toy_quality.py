@@ -54,8 +54,8 @@ def table(report: dict) -> str:
         ),
         ("grid classes", shares, ">= 2 with >= 10%", "phases"),
         (
-            "Lipschitz boundary/inside",
-            f"{ph['lipschitz_ratio']:.2f}",
+            "Lipschitz boundary/inside (scene classes)",
+            f"{ph['lipschitz_ratio']:.2f} (shape classes only: {ph['shape_only']['lipschitz_ratio']:.2f})",
             f">= {BARS['lipschitz_ratio']}",
             "lipschitz_ratio",
         ),

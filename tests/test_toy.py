@@ -20,7 +20,14 @@ from flux_ir.models.toy import (
     toy_weights_dir,
 )
 from flux_ir.toy.checker import NO_SHAPE, check_images
-from flux_ir.toy.quality import BARS, lens_convergence, phase_grid, spearman
+from flux_ir.toy.quality import (
+    BARS,
+    boundary_ratio,
+    lens_convergence,
+    lipschitz_field,
+    phase_grid,
+    spearman,
+)
 from flux_ir.toy.scenes import COLOURS, SHAPES, make_scenes
 from flux_ir.toy.train import (
     LOG_FILE,
@@ -190,6 +197,19 @@ def test_lens_convergence_is_a_rank_correlation(smoke_pipe):
     pipe, spec = smoke_pipe
     res = lens_convergence(pipe, spec, ["a red circle"], size=SMOKE_SIZE, steps=2)
     assert -1.0 <= res["lens_spearman"] <= 1.0
+
+
+def test_boundary_ratio_compares_cells_next_to_another_class():
+    classes = torch.tensor([[0, 0, 1, 1]] * 4)
+    lip = torch.tensor([[1.0, 3.0, 3.0, 1.0]] * 4)
+    res = boundary_ratio(lip, classes)
+    assert res["boundary_share"] == pytest.approx(0.5)
+    assert res["lipschitz_ratio"] == pytest.approx(3.0)
+
+
+def test_lipschitz_field_of_a_linear_map_is_its_scale():
+    z = torch.randn(5, 5, 8)
+    assert torch.allclose(lipschitz_field(2.5 * z, z), torch.full((5, 5), 2.5))
 
 
 def test_spearman_of_monotone_sequences():

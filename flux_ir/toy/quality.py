@@ -157,8 +157,9 @@ def phase_grid(
     """Neutral-prompt sweep over z = z0 + a (z1 - z0) + b (z2 - z0), renormalised to norm sqrt(d).
 
     Returns the class share per shape (checker classes, "none" for no shape), and the mean Lipschitz
-    estimate (pixel distance / latent distance between 4-neighbours) on boundary cells (a neighbour
-    of another class) over that on interior cells.
+    estimate (pixel distance / latent distance between 4-neighbours) on boundary cells over that on
+    interior cells, where the class is the scene the checker reads (shape, colour, background);
+    `shape_only` gives the same with shape classes alone.
     """
     h = w = size // pipe.vae_scale_factor
     c = pipe.transformer.config.in_channels // 4
@@ -187,34 +188,55 @@ def phase_grid(
             )
         )
     images = torch.cat(images)
-    classes = check_images(images).shape.reshape(grid, grid)
-    emb = F.avg_pool2d(images, 4).flatten(1).reshape(grid, grid, -1)
-    zf = lat.flatten(1).reshape(grid, grid, -1)
-    lip_sum = torch.zeros(grid, grid)
-    count = torch.zeros(grid, grid)
-    boundary = torch.zeros(grid, grid, dtype=torch.bool)
-    for dy, dx in ((0, 1), (1, 0)):
-        e_a, e_b = emb[: grid - dy, : grid - dx], emb[dy:, dx:]
-        ratio = (e_a - e_b).norm(dim=-1) / (zf[: grid - dy, : grid - dx] - zf[dy:, dx:]).norm(
-            dim=-1
-        )
-        differ = classes[: grid - dy, : grid - dx] != classes[dy:, dx:]
-        for sl in ((slice(0, grid - dy), slice(0, grid - dx)), (slice(dy, grid), slice(dx, grid))):
-            lip_sum[sl] += ratio
-            count[sl] += 1
-            boundary[sl] |= differ
-    lip = lip_sum / count
+    found = check_images(images)
+    classes = found.shape.reshape(grid, grid)
+    # the scene class: shape, colour and background as the checker reads them
+    scene = (found.shape * 100 + found.colour * 10 + found.background).reshape(grid, grid)
+    lip = lipschitz_field(
+        F.avg_pool2d(images, 4).flatten(1).reshape(grid, grid, -1),
+        lat.flatten(1).reshape(grid, grid, -1),
+    )
     names = {NO_SHAPE: "none", **dict(enumerate(SHAPES))}
     share = {names[k]: (classes == k).float().mean().item() for k in names}
-    inside = lip[~boundary].mean().item() if (~boundary).any() else float("nan")
-    edge = lip[boundary].mean().item() if boundary.any() else float("nan")
     return dict(
         class_share=share,
         classes_over_min_share=sum(v >= BARS["phase_min_share"] for v in share.values()),
+        **boundary_ratio(lip, scene),
+        shape_only=boundary_ratio(lip, classes),
+        class_grid=classes.tolist(),
+    )
+
+
+def lipschitz_field(emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Grid embeddings [G, G, E] and latents [G, G, D] -> [G, G]: mean over each cell's 4-neighbours
+    of |e(cell) - e(neighbour)| / |z(cell) - z(neighbour)|."""
+    g = emb.shape[0]
+    total, count = torch.zeros(g, g), torch.zeros(g, g)
+    for dy, dx in ((0, 1), (1, 0)):
+        a, b = (slice(0, g - dy), slice(0, g - dx)), (slice(dy, g), slice(dx, g))
+        ratio = (emb[a] - emb[b]).norm(dim=-1) / (z[a] - z[b]).norm(dim=-1)
+        for sl in (a, b):
+            total[sl] += ratio
+            count[sl] += 1
+    return total / count
+
+
+def boundary_ratio(lip: torch.Tensor, classes: torch.Tensor) -> dict:
+    """Mean Lipschitz value on boundary cells (a 4-neighbour of another class) / inside cells."""
+    g = classes.shape[0]
+    boundary = torch.zeros(g, g, dtype=torch.bool)
+    for dy, dx in ((0, 1), (1, 0)):
+        a, b = (slice(0, g - dy), slice(0, g - dx)), (slice(dy, g), slice(dx, g))
+        differ = classes[a] != classes[b]
+        boundary[a] |= differ
+        boundary[b] |= differ
+    inside = lip[~boundary].mean().item() if (~boundary).any() else float("nan")
+    edge = lip[boundary].mean().item() if boundary.any() else float("nan")
+    return dict(
         lipschitz_boundary=edge,
         lipschitz_inside=inside,
         lipschitz_ratio=edge / inside if inside > 0 else float("nan"),
-        class_grid=classes.tolist(),
+        boundary_share=boundary.float().mean().item(),
     )
 
 

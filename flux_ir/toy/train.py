@@ -64,7 +64,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_neutral: float = 0.15  # caption dropout to the neutral prompt
     p_partial: float = 0.15  # "a red circle" / "a circle" / "a red shape" ...
-    log_every: int = 50
+    log_every: int = 100
     save_every_s: float = 90.0
     arch: dict = field(default_factory=lambda: copy.deepcopy(ARCH))
 
