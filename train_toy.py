@@ -1,6 +1,6 @@
 """Train flux-toy (VAE, then transformer and text encoders) on shape scenes within a time budget.
 
-    PYTHONPATH=. python train_toy.py --out toy_weights --time_budget_s 500    # one GPU, ~9 minutes
+    PYTHONPATH=. python train_toy.py --out toy_weights --time_budget_s 480    # one GPU, ~8.5 minutes
     uv run python train_toy.py --out /tmp/toy --smoke                          # CPU check, seconds
 
 Writes transformer/vae/text_encoder/text_encoder_2 .safetensors (float16), toy.json and losses.json to

@@ -1,6 +1,6 @@
 """Train flux-toy on shape scenes within a wall-clock budget: the VAE, then the transformer.
 
-    summary = train_toy(TrainConfig(out="toy_weights", time_budget_s=500))
+    summary = train_toy(TrainConfig(out="toy_weights", time_budget_s=480))
 
 1. VAE: reconstruction (MSE + L1) with a small KL term on freshly rendered scenes; then its
    shift/scaling factors from data the way FLUX's were: shift = mean of the latents, scale = 1 / their
@@ -43,14 +43,14 @@ class TrainConfig:
     """All knobs of a run; `smoke` shrinks everything for a CPU check."""
 
     out: str = "toy_weights"
-    time_budget_s: float = 500.0
+    time_budget_s: float = 480.0
     vae_fraction: float = 0.38  # share of the training budget spent on the VAE
     reserve_s: float = 25.0  # kept back for setup, statistics, the last export
     seed: int = 0
     smoke: bool = False
     device: str | None = None
     vae_batch: int = 64
-    vae_lr: float = 1e-3
+    vae_lr: float = 6e-4
     vae_kl_weight: float = 1e-4  # on the KL summed over latents / pixel count
     vae_max_steps: int = 1_000_000
     vae_stop_psnr: float = (
@@ -106,6 +106,14 @@ def lr_at(base: float, step: int, progress: float, warmup: int = 100) -> float:
     return base * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def skip_nonfinite(loss: torch.Tensor, step: int, phase: str) -> bool:
+    """True if `loss` is finite; otherwise log it so the caller skips this update."""
+    if torch.isfinite(loss).item():
+        return True
+    log(f"[{phase}] step {step}: non-finite loss {loss.item()}, update skipped")
+    return False
+
+
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -146,6 +154,9 @@ def train_vae(
         kl = posterior.kl().float().mean() / x[0].numel()
         loss = mse + 0.1 * l1 + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
+        if not skip_nonfinite(loss, step, "vae"):
+            step += 1
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
@@ -386,6 +397,9 @@ def train_transformer(
             text = captions.encode(pipe, torch.tensor(used, device=device))
             loss = flow_loss(pipe, x0, text, cap_idx, gen, float(cfg.arch["scheduler"]["shift"]))
         opt.zero_grad(set_to_none=True)
+        if not skip_nonfinite(loss, step, "dit"):
+            step += 1
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
         opt.step()
