@@ -53,9 +53,9 @@ class TrainConfig:
     vae_lr: float = 6e-4
     vae_kl_weight: float = 1e-4  # on the KL summed over latents / pixel count
     vae_max_steps: int = 1_000_000
-    vae_stop_psnr: float = (
-        35.0  # leave the VAE phase early once training PSNR (running mean) is this
-    )
+    vae_stop_psnr: float = 35.0  # end the VAE phase once its training PSNR (dB) reaches this
+    vae_min_psnr: float = 30.5  # stay past the VAE's share while under this ...
+    vae_max_fraction: float = 0.5  # ... up to this share of the budget
     num_latents: int = 65536  # scenes encoded once for the transformer phase
     batch: int = 256
     lr: float = 5e-4
@@ -126,17 +126,22 @@ def train_vae(
     cfg: TrainConfig,
     device: torch.device,
     deadline: float,
+    hard_deadline: float,
     clock: Clock,
     history: list,
 ) -> None:
-    """Train `pipe.vae` in place until `deadline` (seconds on `clock`) or `cfg.vae_max_steps`."""
+    """Train `pipe.vae` in place until `deadline` (seconds on `clock`), or on to `hard_deadline`
+    while its training PSNR is under `cfg.vae_min_psnr`; at most `cfg.vae_max_steps`."""
     vae = pipe.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     size = cfg.arch["sample_size"]
     start, step, mse_avg = clock.elapsed(), 0, 1.0
-    while step < cfg.vae_max_steps and clock.elapsed() < deadline:
-        if step > 500 and 10 * math.log10(4.0 / mse_avg) >= cfg.vae_stop_psnr:
+    while step < cfg.vae_max_steps and clock.elapsed() < hard_deadline:
+        psnr_avg = 10 * math.log10(4.0 / mse_avg)
+        if clock.elapsed() >= deadline and psnr_avg >= cfg.vae_min_psnr:
+            break
+        if step > 500 and psnr_avg >= cfg.vae_stop_psnr:
             log(
                 f"[vae] training PSNR reached {cfg.vae_stop_psnr} dB: the rest goes to the transformer"
             )
@@ -511,7 +516,16 @@ def train_toy(cfg: TrainConfig) -> dict:
         f"flux-toy training on {summary['device']}: budget {cfg.time_budget_s:.0f}s, {size}x{size} scenes, out {out}"
     )
 
-    train_vae(pipe, cfg, device, clock.elapsed() + cfg.vae_fraction * train_s, clock, history)
+    now = clock.elapsed()
+    train_vae(
+        pipe,
+        cfg,
+        device,
+        now + cfg.vae_fraction * train_s,
+        now + cfg.vae_max_fraction * train_s,
+        clock,
+        history,
+    )
     data = encode_scenes(pipe, cfg.num_latents, size, cfg.seed + 3, device)
     shift, scale = latent_statistics(data["latents"])
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
