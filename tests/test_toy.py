@@ -158,6 +158,15 @@ def test_smoke_training_writes_every_file_small_and_float16(smoke_weights):
     assert summary["final_loss"] is not None
 
 
+def test_training_stops_on_its_time_budget(tmp_path):
+    cfg = TrainConfig.smoke_config(
+        out=str(tmp_path), time_budget_s=8.0, reserve_s=2.0, vae_max_steps=10**6, max_steps=10**6
+    )
+    summary = train_toy(cfg)
+    assert summary["train_s"] <= cfg.time_budget_s + 2.0
+    assert has_toy_weights(tmp_path)
+
+
 def test_smoke_weights_load_with_trained_vae_statistics(smoke_weights, smoke_pipe):
     out, summary = smoke_weights
     pipe, spec = smoke_pipe
