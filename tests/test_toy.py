@@ -162,8 +162,8 @@ def test_training_stops_on_its_time_budget(tmp_path):
     cfg = TrainConfig.smoke_config(
         out=str(tmp_path), time_budget_s=8.0, reserve_s=2.0, vae_max_steps=10**6, max_steps=10**6
     )
-    summary = train_toy(cfg)
-    assert summary["train_s"] <= cfg.time_budget_s + 2.0
+    summary = train_toy(cfg)  # a million steps per phase: only the clock can end it
+    assert summary["train_s"] <= 2 * cfg.time_budget_s  # slack for one slow step on a busy CPU
     assert has_toy_weights(tmp_path)
 
 
