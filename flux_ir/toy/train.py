@@ -57,7 +57,7 @@ class TrainConfig:
     vae_min_psnr: float = 30.5  # stay past the VAE's share while under this ...
     vae_max_fraction: float = 0.5  # ... up to this share of the budget
     num_latents: int = 65536  # scenes encoded once for the transformer phase
-    batch: int = 256
+    batch: int = 512
     lr: float = 5e-4
     text_lr: float = 2e-4
     max_steps: int = 1_000_000
