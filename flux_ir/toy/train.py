@@ -58,8 +58,9 @@ class TrainConfig:
     vae_max_fraction: float = 0.5  # ... up to this share of the budget
     num_latents: int = 65536  # scenes encoded once for the transformer phase
     batch: int = 512
-    lr: float = 5e-4
-    text_lr: float = 2e-4
+    lr: float = 3e-4
+    text_lr: float = 1e-4
+    warmup: int = 500
     max_steps: int = 1_000_000
     ema_decay: float = 0.999
     p_neutral: float = 0.15  # caption dropout to the neutral prompt
@@ -380,11 +381,11 @@ def train_transformer(
     gen = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = data["latents"].shape[0]
     scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
-    start, step, last_save = clock.elapsed(), 0, clock.elapsed()
+    start, step, last_save, skipped = clock.elapsed(), 0, clock.elapsed(), 0
     while step < cfg.max_steps and clock.elapsed() < deadline:
         progress = (clock.elapsed() - start) / max(deadline - start, 1e-6)
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.text_lr)):
-            g["lr"] = lr_at(base, step, progress, warmup=200)
+            g["lr"] = lr_at(base, step, progress, warmup=cfg.warmup)
         idx = torch.randint(n, (cfg.batch,), generator=gen, device=device)
         x0 = (data["latents"][idx].float() - shift) * scale
         cap = pick_captions(
@@ -406,7 +407,16 @@ def train_transformer(
             step += 1
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(live_params, 1.0)
+        if not torch.isfinite(norm).item():  # clipping turns inf into NaN: never apply such a step
+            opt.zero_grad(set_to_none=True)
+            skipped += 1
+            if skipped <= 5 or skipped % 100 == 0:
+                log(
+                    f"[dit] step {step}: non-finite gradient norm, update skipped ({skipped} so far)"
+                )
+            step += 1
+            continue
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -427,7 +437,7 @@ def train_transformer(
         if clock.elapsed() - last_save > cfg.save_every_s:
             save(ema, f"transformer step {step}")
             last_save = clock.elapsed()
-    log(f"[dit] done: {step} steps in {clock.elapsed() - start:.1f}s")
+    log(f"[dit] done: {step} steps ({skipped} skipped) in {clock.elapsed() - start:.1f}s")
     return ema
 
 
