@@ -510,6 +510,9 @@ def train_toy(cfg: TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        # cuDNN's fused attention backward fails on these shapes (torch 2.11, H100: "mha_graph.execute"
+        # errors or silent NaN); the flash and memory-efficient kernels train fine
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
