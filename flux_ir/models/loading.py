@@ -15,6 +15,7 @@ from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
 from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import ModelSpec, resolve_model, write_sidecar
 from flux_ir.models.tiny import build_tiny_pipeline
+from flux_ir.models.toy import load_toy_pipeline
 
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 WEIGHTS = ("pretrained", "random")
@@ -64,6 +65,10 @@ def load_pipeline(
         pipe = build_random_pipeline(spec, device if mode == "none" else "cpu", dtype)
     elif spec.source == "builtin":
         pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    elif spec.source == "package":
+        pipe = load_toy_pipeline()  # $FLUX_IR_TOY_WEIGHTS or the package's weights
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:

@@ -20,7 +20,8 @@ class ModelSpec:
     """Where a model comes from and how it samples by default.
 
     `guidance` is None for models without a guidance embedding (FLUX.1-schnell): the value is ignored.
-    `source` is a hub repository id, a local directory, or "builtin" for models built in code.
+    `source` is a hub repository id, a local directory, "builtin" for models built in code, or
+    "package" for flux-toy, whose trained weights ship inside the package.
     """
 
     name: str
@@ -66,6 +67,14 @@ REGISTRY: dict[str, ModelSpec] = {
         guidance=3.5,
         max_sequence_length=32,
         description="miniature FLUX built in code, random weights, runs offline on a CPU",
+    ),
+    "flux-toy": ModelSpec(
+        "flux-toy",
+        "package",
+        num_steps=16,
+        guidance=None,
+        max_sequence_length=16,
+        description="small FLUX trained on shape scenes (128x128), weights shipped, offline on a CPU",
     ),
 }
 

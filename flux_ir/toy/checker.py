@@ -1,0 +1,79 @@
+"""Read a shape scene back from its pixels: background, shape colour and shape class.
+
+    result = check_images(images)        # images [B, 3, H, W] in [0, 1]
+    result.shape, result.colour          # [B] indices into SHAPES (or NO_SHAPE) / COLOURS
+
+Geometry, not learning: the background is the median of the border pixels; the shape is every pixel far
+from it; its colour is the nearest palette colour to the shape's median pixel; its class comes from how
+much of its bounding box it fills (square 1, circle pi/4, upright triangle 1/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flux_ir.toy.scenes import palette_tensor
+
+NO_SHAPE = -1
+FILL_SQUARE = 0.89  # above: square (fill 1.0)
+FILL_CIRCLE = 0.64  # above: circle (fill 0.785); below: triangle (fill 0.5)
+MIN_AREA = 0.01  # fraction of the image a shape must cover to count
+FOREGROUND_DISTANCE = 0.25  # RGB distance from the background that marks a shape pixel
+
+
+@dataclass
+class CheckResult:
+    """Per image [B]: shape index (NO_SHAPE if none found), colour and background indices,
+    fill ratio of the bounding box and area fraction."""
+
+    shape: torch.Tensor
+    colour: torch.Tensor
+    background: torch.Tensor
+    fill: torch.Tensor
+    area: torch.Tensor
+
+
+@torch.no_grad()
+def check_images(images: torch.Tensor) -> CheckResult:
+    """Classify images [B, 3, H, W] (float in [0, 1])."""
+    images = images.float()
+    b, _, h, w = images.shape
+    border = torch.cat(
+        [images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1
+    )
+    bg = border.median(dim=-1).values  # [B, 3]
+    mask = (images - bg[:, :, None, None]).norm(dim=1) > FOREGROUND_DISTANCE  # [B, H, W]
+    area = mask.flatten(1).sum(1).float()
+    rows, cols = mask.any(2), mask.any(1)  # [B, H], [B, W]
+    height = _extent(rows).float()
+    width = _extent(cols).float()
+    fill = area / (height * width).clamp(min=1)
+    pixels = images.permute(0, 2, 3, 1)  # [B, H, W, 3]
+    colour = torch.empty(b, 3, device=images.device)
+    for i in range(b):  # median of the masked pixels (the mean would mix in edge pixels)
+        sel = pixels[i][mask[i]]
+        colour[i] = sel.median(dim=0).values if len(sel) else bg[i]
+    palette = palette_tensor(images.device)
+    shape = torch.where(
+        fill > FILL_SQUARE,
+        1,
+        torch.where(fill > FILL_CIRCLE, 0, 2),
+    )
+    shape = torch.where(area / (h * w) < MIN_AREA, NO_SHAPE, shape)
+    return CheckResult(
+        shape=shape,
+        colour=torch.cdist(colour, palette).argmin(1),
+        background=torch.cdist(bg, palette).argmin(1),
+        fill=fill,
+        area=area / (h * w),
+    )
+
+
+def _extent(occupied: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool -> [B] number of positions from the first to the last True (0 if none)."""
+    idx = torch.arange(occupied.shape[1], device=occupied.device)
+    first = torch.where(occupied, idx, occupied.shape[1]).min(1).values
+    last = torch.where(occupied, idx, -1).max(1).values
+    return (last - first + 1).clamp(min=0)

@@ -1,0 +1,296 @@
+"""flux-toy's quality bars, measured: VAE fidelity, prompt adherence, lens convergence, phases, speed.
+
+    pipe, spec = load_pipeline("flux-toy", device="cpu")
+    report = measure_all(pipe, spec)          # dict of figures, each with its bar and pass flag
+
+Bars (issue "flux-toy"): VAE PSNR >= 28 dB on held-out scenes; the checker finds the asked colour in
+>= 90% and the asked shape in >= 80% of 200 samples; over blocks in depth order the distance of a
+block's x0 lens decode (last step) to the final image falls (Spearman >= 0.8 on average); a 20x20
+neutral-prompt grid has >= 2 shape classes with >= 10% of the cells each and a Lipschitz field >= 2x
+higher at class boundaries than inside; one 128x128 image in <= 2 s on 2 CPU threads.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+
+from flux_ir.capture import GenerationOptions, run_capture
+from flux_ir.lens.blocks import block_steps, decode_capture
+from flux_ir.models.registry import ModelSpec
+from flux_ir.toy.checker import NO_SHAPE, check_images
+from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption
+from flux_ir.toy.train import vae_psnr
+
+BARS = dict(
+    vae_psnr_db=28.0,
+    colour_accuracy=0.90,
+    shape_accuracy=0.80,
+    lens_spearman=0.80,
+    phase_min_share=0.10,
+    lipschitz_ratio=2.0,
+    cpu_seconds=2.0,
+)
+
+
+def device_of(pipe: FluxPipeline) -> torch.device:
+    return torch.device(pipe._execution_device)
+
+
+@torch.inference_mode()
+def generate(
+    pipe: FluxPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    size: int = 128,
+    steps: int = 16,
+    latents: torch.Tensor | None = None,
+    max_sequence_length: int = 16,
+) -> torch.Tensor:
+    """Images [B, 3, size, size] in [0, 1], one per prompt; noise from CPU generators (or packed
+    `latents` [B, N, 64])."""
+    out = pipe(
+        prompt=prompts,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        latents=latents,
+        max_sequence_length=max_sequence_length,
+        output_type="pt",
+    )
+    return out.images.float().cpu()
+
+
+def prompt_adherence(
+    pipe: FluxPipeline,
+    n: int = 200,
+    *,
+    size: int = 128,
+    steps: int = 16,
+    batch: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Share of `n` samples of random full captions whose asked colour / shape the checker finds."""
+    rng = random.Random(seed)
+    asked = []
+    for _ in range(n):
+        s, c = rng.randrange(len(SHAPES)), rng.randrange(len(COLOURS))
+        b = rng.choice([k for k in range(len(COLOURS)) if k != c])
+        asked.append((s, c, b))
+    shape_ok = colour_ok = bg_ok = 0
+    for start in range(0, n, batch):
+        chunk = asked[start : start + batch]
+        prompts = [caption(SHAPES[s], COLOURS[c], COLOURS[b]) for s, c, b in chunk]
+        seeds = list(range(seed * 100_000 + start, seed * 100_000 + start + len(chunk)))
+        found = check_images(generate(pipe, prompts, seeds, size=size, steps=steps))
+        want = torch.tensor(chunk)
+        shape_ok += (found.shape == want[:, 0]).sum().item()
+        colour_ok += (found.colour == want[:, 1]).sum().item()
+        bg_ok += (found.background == want[:, 2]).sum().item()
+    return dict(
+        shape_accuracy=shape_ok / n, colour_accuracy=colour_ok / n, background_accuracy=bg_ok / n
+    )
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by order)."""
+    rx = x.argsort().argsort().float()
+    ry = y.argsort().argsort().float()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx @ ry / (rx.norm() * ry.norm()).clamp(min=1e-12)).item()
+
+
+def lens_convergence(
+    pipe: FluxPipeline,
+    spec: ModelSpec,
+    prompts: list[str],
+    *,
+    size: int = 128,
+    steps: int = 16,
+    seed: int = 0,
+) -> dict:
+    """Per prompt: -Spearman(depth, distance of the block's x0 decode at the last step to the final
+    image). 1 means the distance falls strictly with depth."""
+    values = []
+    for i, prompt in enumerate(prompts):
+        opts = GenerationOptions(
+            prompt, size, size, steps, seed + i, max_sequence_length=spec.max_sequence_length
+        )
+        images, cap = run_capture(pipe, opts, model_name=spec.name, steps=[steps - 1])
+        final = _pixels(images[0])
+        items = block_steps(cap)
+        dist = torch.tensor(
+            [
+                (_pixels(ims[0]) - final).abs().mean().item()
+                for _, ims in decode_capture(pipe, cap, items, target="x0", progress=False)
+            ]
+        )
+        values.append(-spearman(torch.arange(len(dist)).float(), dist))
+    return dict(lens_spearman=sum(values) / len(values), lens_spearman_per_prompt=values)
+
+
+def _pixels(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype="float32") / 255.0)
+
+
+# Self-contained grid sweep for the phase bar. Replace with flux_ir.sweep / flux_ir.analysis (grid of
+# seeded latents, Lipschitz field) once those modules exist; the definitions below follow them.
+def phase_grid(
+    pipe: FluxPipeline,
+    grid: int = 20,
+    *,
+    size: int = 128,
+    steps: int = 16,
+    anchor_seeds: tuple[int, int, int] = (0, 1, 2),
+    span: tuple[float, float] = (-0.5, 1.5),
+    batch: int = 50,
+) -> dict:
+    """Neutral-prompt sweep over z = z0 + a (z1 - z0) + b (z2 - z0), renormalised to norm sqrt(d).
+
+    Returns the class share per shape (checker classes, "none" for no shape), and the mean Lipschitz
+    estimate (pixel distance / latent distance between 4-neighbours) on boundary cells over that on
+    interior cells, where the class is the scene the checker reads (shape, colour, background);
+    `shape_only` gives the same with shape classes alone.
+    """
+    h = w = size // pipe.vae_scale_factor
+    c = pipe.transformer.config.in_channels // 4
+    z = torch.stack(
+        [
+            torch.randn(c, h, w, generator=torch.Generator("cpu").manual_seed(s))
+            for s in anchor_seeds
+        ]
+    )
+    a, b = torch.meshgrid(torch.linspace(*span, grid), torch.linspace(*span, grid), indexing="ij")
+    lat = z[0] + a.reshape(-1, 1, 1, 1) * (z[1] - z[0]) + b.reshape(-1, 1, 1, 1) * (z[2] - z[0])
+    d = lat[0].numel()
+    lat = lat / lat.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) * d**0.5  # [grid², c, h, w]
+    packed = FluxPipeline._pack_latents(lat, lat.shape[0], c, h, w)
+    images = []
+    for start in range(0, len(packed), batch):
+        chunk = packed[start : start + batch].to(device_of(pipe), pipe.transformer.dtype)
+        images.append(
+            generate(
+                pipe,
+                [NEUTRAL_CAPTION] * len(chunk),
+                [0] * len(chunk),
+                size=size,
+                steps=steps,
+                latents=chunk,
+            )
+        )
+    images = torch.cat(images)
+    found = check_images(images)
+    classes = found.shape.reshape(grid, grid)
+    # the scene class: shape, colour and background as the checker reads them
+    scene = (found.shape * 100 + found.colour * 10 + found.background).reshape(grid, grid)
+    lip = lipschitz_field(
+        F.avg_pool2d(images, 4).flatten(1).reshape(grid, grid, -1),
+        lat.flatten(1).reshape(grid, grid, -1),
+    )
+    names = {NO_SHAPE: "none", **dict(enumerate(SHAPES))}
+    share = {names[k]: (classes == k).float().mean().item() for k in names}
+    return dict(
+        class_share=share,
+        classes_over_min_share=sum(v >= BARS["phase_min_share"] for v in share.values()),
+        **boundary_ratio(lip, scene),
+        shape_only=boundary_ratio(lip, classes),
+        class_grid=classes.tolist(),
+    )
+
+
+def lipschitz_field(emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Grid embeddings [G, G, E] and latents [G, G, D] -> [G, G]: mean over each cell's 4-neighbours
+    of |e(cell) - e(neighbour)| / |z(cell) - z(neighbour)|."""
+    g = emb.shape[0]
+    total, count = torch.zeros(g, g), torch.zeros(g, g)
+    for dy, dx in ((0, 1), (1, 0)):
+        a, b = (slice(0, g - dy), slice(0, g - dx)), (slice(dy, g), slice(dx, g))
+        ratio = (emb[a] - emb[b]).norm(dim=-1) / (z[a] - z[b]).norm(dim=-1)
+        for sl in (a, b):
+            total[sl] += ratio
+            count[sl] += 1
+    return total / count
+
+
+def boundary_ratio(lip: torch.Tensor, classes: torch.Tensor) -> dict:
+    """Mean Lipschitz value on boundary cells (a 4-neighbour of another class) / inside cells."""
+    g = classes.shape[0]
+    boundary = torch.zeros(g, g, dtype=torch.bool)
+    for dy, dx in ((0, 1), (1, 0)):
+        a, b = (slice(0, g - dy), slice(0, g - dx)), (slice(dy, g), slice(dx, g))
+        differ = classes[a] != classes[b]
+        boundary[a] |= differ
+        boundary[b] |= differ
+    inside = lip[~boundary].mean().item() if (~boundary).any() else float("nan")
+    edge = lip[boundary].mean().item() if boundary.any() else float("nan")
+    return dict(
+        lipschitz_boundary=edge,
+        lipschitz_inside=inside,
+        lipschitz_ratio=edge / inside if inside > 0 else float("nan"),
+        boundary_share=boundary.float().mean().item(),
+    )
+
+
+def cpu_seconds(pipe: FluxPipeline, *, size: int = 128, steps: int = 16, threads: int = 2) -> float:
+    """Seconds for one `size`² image on `threads` CPU threads (after one warm-up run)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generate(pipe, ["a red circle on a blue background"], [0], size=size, steps=steps)
+        t0 = time.perf_counter()
+        generate(pipe, ["a green triangle on a white background"], [1], size=size, steps=steps)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_all(
+    pipe: FluxPipeline,
+    spec: ModelSpec,
+    *,
+    samples: int = 200,
+    grid: int = 20,
+    lens_prompts: int = 8,
+    batch: int = 50,
+    skip_cpu: bool = False,
+) -> dict:
+    """Every bar: figures plus `passed` flags. Runs where `pipe` is; the CPU timing moves a copy."""
+    size = int(pipe.vae.config.sample_size)
+    steps = spec.num_steps
+    report: dict = dict(model=spec.name, size=size, steps=steps)
+    report["vae_psnr_db"] = vae_psnr(pipe, 512, size, seed=12345, device=device_of(pipe))
+    report.update(prompt_adherence(pipe, samples, size=size, steps=steps, batch=batch))
+    prompts = [
+        caption(SHAPES[i % 3], COLOURS[i % 6], COLOURS[(i + 1 + i // 6) % 6])
+        for i in range(lens_prompts)
+    ]
+    report.update(lens_convergence(pipe, spec, prompts, size=size, steps=steps))
+    report["phases"] = phase_grid(pipe, grid, size=size, steps=steps, batch=batch)
+    if not skip_cpu:
+        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), size=128, steps=steps)
+    report["passed"] = passed(report)
+    return report
+
+
+def passed(report: dict) -> dict:
+    """Which bars a report meets."""
+    out = {
+        "vae_psnr_db": report["vae_psnr_db"] >= BARS["vae_psnr_db"],
+        "colour_accuracy": report["colour_accuracy"] >= BARS["colour_accuracy"],
+        "shape_accuracy": report["shape_accuracy"] >= BARS["shape_accuracy"],
+        "lens_spearman": report["lens_spearman"] >= BARS["lens_spearman"],
+        "phases": report["phases"]["classes_over_min_share"] >= 2,
+        "lipschitz_ratio": report["phases"]["lipschitz_ratio"] >= BARS["lipschitz_ratio"],
+    }
+    if "cpu_seconds" in report:
+        out["cpu_seconds"] = report["cpu_seconds"] <= BARS["cpu_seconds"]
+    return out
