@@ -48,7 +48,7 @@ def capture(
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
     Args:
-        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, or a local diffusers FluxPipeline directory.
+        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, flux-toy, or a local diffusers FluxPipeline directory.
         width, height: image size in pixels, multiples of 16.
         prompt: the text prompt.
         seed: noise seed (random if omitted; recorded in the metadata).
@@ -114,6 +114,7 @@ def capture(
         flush=True,
     )
     pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
+    pipe.set_progress_bar_config(disable=False, desc="denoising", leave=False)
     if compile:
         compile_blocks(pipe.transformer)
     print(f"capturing {opts.num_steps} steps at {width}x{height}, seed {seed} ...", flush=True)

@@ -74,7 +74,7 @@ REGISTRY: dict[str, ModelSpec] = {
         num_steps=16,
         guidance=None,
         max_sequence_length=16,
-        description="small FLUX trained on shape scenes (128x128), weights shipped, offline on a CPU",
+        description="small FLUX trained on shape scenes (128x128); weights from train_toy.py, offline on a CPU",
     ),
 }
 
