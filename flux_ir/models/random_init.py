@@ -23,6 +23,7 @@ from flux_ir.models.registry import ModelSpec
 from flux_ir.models.tiny import (
     VAE_SCALING_FACTOR,
     VAE_SHIFT_FACTOR,
+    assemble_pipeline,
     build_clip_tokenizer,
     build_t5_tokenizer,
     build_tiny_pipeline,
@@ -132,16 +133,4 @@ def build_random_pipeline(
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHEDULER_DEV if guidance else SCHEDULER_SCHNELL)
     )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tok,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-    for module in (transformer, vae, clip, t5):
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer)

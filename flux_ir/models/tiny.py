@@ -54,6 +54,23 @@ def build_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
+def assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer) -> FluxPipeline:
+    """A `FluxPipeline` of these components, each in eval mode without gradients, progress bar off."""
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    for module in (transformer, vae, clip, t5):
+        module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(
     seed: int = 0,
     *,
@@ -136,16 +153,4 @@ def build_tiny_pipeline(
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tok,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-    for module in (transformer, vae, clip, t5):
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer)

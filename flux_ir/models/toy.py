@@ -30,7 +30,7 @@ from safetensors.torch import load_model
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from flux_ir.errors import ModelUnavailableError
-from flux_ir.models.tiny import build_clip_tokenizer
+from flux_ir.models.tiny import assemble_pipeline, build_clip_tokenizer
 
 WEIGHTS_ENV = "FLUX_IR_TOY_WEIGHTS"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "toy_weights"
@@ -155,19 +155,8 @@ def build_toy_pipeline(arch: dict | None = None, seed: int = 0) -> FluxPipeline:
                 decoder_start_token_id=0,
             )
         )
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**arch["scheduler"]),
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tok,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-    for module in (transformer, vae, clip, t5):
-        module.eval().requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    scheduler = FlowMatchEulerDiscreteScheduler(**arch["scheduler"])
+    return assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer)
 
 
 def toy_weights_dir(weights_dir: str | Path | None = None) -> Path:
