@@ -27,7 +27,7 @@ import contextlib
 import time
 
 import torch
-from common import device_info, parser, pipeline, sync, write_results
+from common import device_info, generate_latents, parser, pipeline, sync, write_results
 
 from flux_ir.capture import BlockTrace
 from flux_ir.capture.copy import AsyncCopier, SyncCopier
@@ -161,16 +161,7 @@ def main() -> None:
 
         def generate(ctx, pe=pe, pooled=pooled, size=size):
             with ctx, torch.inference_mode():
-                pipe(
-                    prompt_embeds=pe,
-                    pooled_prompt_embeds=pooled,
-                    height=size,
-                    width=size,
-                    num_inference_steps=steps,
-                    guidance_scale=3.5,
-                    output_type="latent",
-                    generator=torch.Generator("cpu").manual_seed(0),
-                )
+                generate_latents(pipe, pe, pooled, size, steps)
                 t_gpu = time.perf_counter()
                 sync()
             return ctx, t_gpu

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parser, pipeline, sync, write_results
+from common import generate_latents, parser, pipeline, sync, write_results
 
 from flux_ir.capture import BlockTrace
 from flux_ir.capture.copy import AsyncCopier
@@ -57,16 +57,7 @@ def main() -> None:
             if ctx:
                 ctx.__enter__()
             try:
-                pipe(
-                    prompt_embeds=pe,
-                    pooled_prompt_embeds=pooled,
-                    height=size,
-                    width=size,
-                    num_inference_steps=steps,
-                    guidance_scale=3.5,
-                    output_type="latent",
-                    generator=torch.Generator("cpu").manual_seed(0),
-                )
+                generate_latents(pipe, pe, pooled, size, steps)
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)

@@ -155,3 +155,17 @@ def pipeline(model: str, smoke: bool):
         raise SystemExit("this benchmark needs CUDA (or pass --smoke)")
     torch.backends.cuda.matmul.allow_tf32 = True
     return load_pipeline(model, device="cuda", dtype=torch.bfloat16, weights="random")
+
+
+def generate_latents(pipe, prompt_embeds, pooled, size: int, steps: int):
+    """One seeded generation from precomputed prompt embeddings to packed latents (no text encoders, no VAE)."""
+    return pipe(
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(0),
+    )
