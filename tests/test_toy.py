@@ -1,14 +1,13 @@
 """flux-toy: scenes, checker, training pieces, a smoke training run loaded through load_pipeline,
 and (only when trained weights ship) the cheap quality bars."""
 
-import random
-
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flux_ir.capture import GenerationOptions, run_capture
-from flux_ir.errors import ModelUnavailableError
+from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
 from flux_ir.models import REGISTRY, load_pipeline
 from flux_ir.models.toy import (
     COMPONENTS,
@@ -19,6 +18,7 @@ from flux_ir.models.toy import (
     read_toy_config,
     toy_weights_dir,
 )
+from flux_ir.toy import train as train_module
 from flux_ir.toy.checker import NO_SHAPE, check_images
 from flux_ir.toy.quality import (
     BARS,
@@ -30,9 +30,11 @@ from flux_ir.toy.quality import (
 )
 from flux_ir.toy.scenes import COLOURS, SHAPES, make_scenes
 from flux_ir.toy.train import (
+    CHECKPOINT_FILE,
     LOG_FILE,
     CaptionEncoder,
     TrainConfig,
+    caption_lookup,
     caption_table,
     latent_statistics,
     pick_captions,
@@ -120,15 +122,27 @@ def test_caption_encoder_matches_the_pipelines_encode_prompt():
 
 def test_caption_dropout_rates_are_respected():
     texts, index = caption_table()
-    labels = [(i % 3, i % 6, (i + 1) % 6) for i in range(200)]
-    s, c, b = map(list, zip(*labels))
-    rng = random.Random(0)
-    neutral = pick_captions(s, c, b, index, TrainConfig(p_neutral=1.0, p_partial=0.0), rng)
-    assert {texts[k] for k in neutral} == {""}
-    full = pick_captions(s, c, b, index, TrainConfig(p_neutral=0.0, p_partial=0.0), rng)
-    assert [texts[k] for k in full] == [
+    lookup = caption_lookup(index, torch.device("cpu"))
+    labels = [(i % 3, i % 6, (i + 1 + i // 6) % 6) for i in range(600)]
+    labels = [(s, c, b) for s, c, b in labels if b != c]
+    s, c, b = (torch.tensor(x) for x in zip(*labels))
+    gen = torch.Generator().manual_seed(0)
+    neutral = pick_captions(s, c, b, lookup, TrainConfig(p_neutral=1.0, p_partial=0.0), gen)
+    assert {texts[k] for k in neutral.tolist()} == {""}
+    full = pick_captions(s, c, b, lookup, TrainConfig(p_neutral=0.0, p_partial=0.0), gen)
+    assert [texts[k] for k in full.tolist()] == [
         f"a {COLOURS[co]} {SHAPES[sh]} on a {COLOURS[bg]} background" for sh, co, bg in labels
     ]
+    mixed = pick_captions(s, c, b, lookup, TrainConfig(p_neutral=0.2, p_partial=0.3), gen)
+    kinds = [
+        "neutral" if t == "" else "full" if " on a " in t else "partial"
+        for t in (texts[k] for k in mixed.tolist())
+    ]
+    n = len(kinds)
+    assert abs(kinds.count("neutral") / n - 0.2) < 0.06
+    assert abs(kinds.count("partial") / n - 0.3) < 0.06
+    for (sh, co, _), t in zip(labels, (texts[k] for k in mixed.tolist())):
+        assert t == "" or SHAPES[sh] in t or COLOURS[co] in t  # partial captions stay true
 
 
 # ----------------------------------------------------------------------------- smoke training run
@@ -158,13 +172,56 @@ def test_smoke_training_writes_every_file_small_and_float16(smoke_weights):
     assert summary["final_loss"] is not None
 
 
-def test_training_stops_on_its_time_budget(tmp_path):
-    cfg = TrainConfig.smoke_config(
-        out=str(tmp_path), time_budget_s=8.0, reserve_s=2.0, vae_max_steps=10**6, max_steps=10**6
+class StepClock:
+    """A clock that advances one second per reading: time budgets become exact step counts."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def elapsed(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_training_stops_on_its_time_budget_and_leaves_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "Clock", StepClock)
+    cfg = TrainConfig.smoke_config(out=str(tmp_path), time_budget_s=30.0, reserve_s=5.0)
+    cfg.dit_steps = 10**6  # only the clock can end it
+    summary = train_toy(cfg)
+    assert summary["finished"] is False and 0 < summary["dit_steps_done"] < 100
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and has_toy_weights(tmp_path)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "Clock", StepClock)
+    kw = dict(seed=1, vae_steps=4, dit_steps=6, save_every_s=1e9)
+    whole = train_toy(TrainConfig.smoke_config(out=str(tmp_path / "whole"), **kw))
+    split = tmp_path / "split"
+    # a budget that ends the first invocation inside the VAE phase, the second inside the transformer's
+    first = train_toy(
+        TrainConfig.smoke_config(out=str(split), time_budget_s=8.0, reserve_s=5.0, **kw)
     )
-    summary = train_toy(cfg)  # a million steps per phase: only the clock can end it
-    assert summary["train_s"] <= 2 * cfg.time_budget_s  # slack for one slow step on a busy CPU
-    assert has_toy_weights(tmp_path)
+    assert first["finished"] is False
+    second = train_toy(
+        TrainConfig.smoke_config(out=str(split), time_budget_s=17.0, reserve_s=5.0, **kw),
+        resume=True,
+    )
+    assert second["finished"] is False and 0 < second["dit_steps_done"] < 6
+    last = train_toy(TrainConfig.smoke_config(out=str(split), **kw), resume=True)
+    assert whole["finished"] and last["finished"]
+    for name in COMPONENTS:
+        a = load_file(tmp_path / "whole" / f"{name}.safetensors")
+        b = load_file(split / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "Clock", StepClock)
+    cfg = TrainConfig.smoke_config(out=str(tmp_path), time_budget_s=8.0, reserve_s=5.0)
+    train_toy(cfg)
+    with pytest.raises(InvalidArgumentError, match="batch.*same settings"):
+        train_toy(TrainConfig.smoke_config(out=str(tmp_path), batch=8), resume=True)
 
 
 def test_smoke_weights_load_with_trained_vae_statistics(smoke_weights, smoke_pipe):

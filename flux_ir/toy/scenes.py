@@ -28,7 +28,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 COLOURS = tuple(PALETTE)
 NEUTRAL_CAPTION = ""
 COLOUR_JITTER = 0.03
-SIZE_RANGE = (0.25, 0.5)  # half-extent of the shape, in units of half the image side
+SIZE_RANGE = (0.3, 0.6)  # half-extent of the shape, in units of half the image side
 
 
 @dataclass

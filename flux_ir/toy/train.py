@@ -1,19 +1,24 @@
-"""Train flux-toy on shape scenes within a wall-clock budget: the VAE, then the transformer.
+"""Train flux-toy on shape scenes: the VAE, then the transformer; resumable, step-scheduled.
 
-    summary = train_toy(TrainConfig(out="toy_weights", time_budget_s=480))
+    summary = train_toy(TrainConfig(out="toy_weights"))                # ~25 minutes on one H100
+    summary = train_toy(TrainConfig(out="toy_weights"), resume=True)    # continue from checkpoint.pt
 
-1. VAE: reconstruction (MSE + L1) with a small KL term on freshly rendered scenes; then its
-   shift/scaling factors from data the way FLUX's were: shift = mean of the latents, scale = 1 / their
-   standard deviation after the shift.
-2. Transformer (and both small text encoders, trained jointly): rectified flow. x_t = (1 - t) x0 + t e,
-   target e - x0, t = shift(sigmoid(n)), n ~ N(0, 1) (SD3/FLUX logit-normal sampling, shifted like the
-   scheduler). Text is encoded as `FluxPipeline.encode_prompt` does (`CaptionEncoder`), latents
-   packed by `_pack_latents`, positions from `_prepare_latent_image_ids`. Captions drop to the
-   neutral "" (and to partial captions) at random, so the neutral prompt draws every shape. The
-   weights exported are an EMA.
+1. VAE: reconstruction (MSE + L1) with a small KL term on freshly rendered scenes, for `vae_steps`
+   steps (or until its training PSNR reaches `vae_stop_psnr`); then its shift/scaling factors from data
+   the way FLUX's were: shift = mean of the latents, scale = 1 / their standard deviation after the shift.
+2. Transformer (and both small text encoders, trained jointly): rectified flow for `dit_steps` steps.
+   x_t = (1 - t) x0 + t e, target e - x0, t = shift(sigmoid(n)), n ~ N(0, 1) (SD3/FLUX logit-normal
+   sampling, shifted like the scheduler). Text is encoded as `FluxPipeline.encode_prompt` does
+   (`CaptionEncoder`), latents packed by `_pack_latents`, positions from `_prepare_latent_image_ids`.
+   Captions drop to the neutral "" (and to partial captions) at random, so the neutral prompt draws
+   every shape. The weights exported are an EMA.
 
-Every phase stops on its share of `time_budget_s`; weights are written atomically after the VAE phase,
-every `save_every_s` seconds and at the end, so an interrupted run still leaves a loadable model.
+Learning rates follow the step count (warm-up, then cosine), so a run is the same however it is split
+into invocations: `time_budget_s` only caps one invocation, which then writes `checkpoint.pt` (models,
+EMA, optimizer and random-generator states) for `resume=True` to continue from. The transformer loop
+never waits for the GPU except to log: caption choice, timestep sampling and the skip of updates with a
+non-finite gradient norm (the fused AdamW's `found_inf`) all stay on the device. Weights are exported
+atomically after the VAE phase, every `save_every_s` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,11 +35,13 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from safetensors.torch import save_model
 
+from flux_ir.errors import InvalidArgumentError
 from flux_ir.models.toy import ARCH, CONFIG_FILE, SMOKE_ARCH, build_toy_pipeline
 from flux_ir.store.atomic import atomic_path
 from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption, make_scenes
 
 LOG_FILE = "losses.json"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -43,30 +49,28 @@ class TrainConfig:
     """All knobs of a run; `smoke` shrinks everything for a CPU check."""
 
     out: str = "toy_weights"
-    time_budget_s: float = 480.0
-    vae_fraction: float = 0.38  # share of the training budget spent on the VAE
-    reserve_s: float = 25.0  # kept back for setup, statistics, the last export
     seed: int = 0
     smoke: bool = False
     device: str | None = None
+    time_budget_s: float = 3600.0  # caps one invocation; a resumed run gets a new budget
+    reserve_s: float = 25.0  # kept back for the checkpoint and the last export
     vae_batch: int = 64
     vae_lr: float = 6e-4
     vae_kl_weight: float = 1e-4  # on the KL summed over latents / pixel count
-    vae_max_steps: int = 1_000_000
-    vae_stop_psnr: float = 35.0  # end the VAE phase once its training PSNR (dB) reaches this
-    vae_min_psnr: float = 30.5  # stay past the VAE's share while under this ...
-    vae_max_fraction: float = 0.5  # ... up to this share of the budget
+    vae_steps: int = 3000
+    vae_stop_psnr: float = 35.0  # end the VAE phase early once its training PSNR (dB) reaches this
     num_latents: int = 65536  # scenes encoded once for the transformer phase
     batch: int = 512
     lr: float = 3e-4
     text_lr: float = 1e-4
     warmup: int = 500
-    max_steps: int = 1_000_000
+    dit_steps: int = 20000
     ema_decay: float = 0.999
     p_neutral: float = 0.15  # caption dropout to the neutral prompt
     p_partial: float = 0.15  # "a red circle" / "a circle" / "a red shape" ...
     log_every: int = 100
-    save_every_s: float = 90.0
+    save_every_s: float = 120.0
+    compile: bool = False  # torch.compile the transformer's repeated blocks (CUDA)
     arch: dict = field(default_factory=lambda: copy.deepcopy(ARCH))
 
     @classmethod
@@ -76,15 +80,29 @@ class TrainConfig:
             time_budget_s=60.0,
             reserve_s=5.0,
             vae_batch=4,
-            vae_max_steps=3,
+            vae_steps=3,
             num_latents=16,
             batch=4,
-            max_steps=3,
+            dit_steps=3,
+            warmup=2,
             log_every=1,
             arch=copy.deepcopy(SMOKE_ARCH),
         )
         base.update(kw)
         return cls(**base)
+
+    def signature(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        keep = {
+            "out",
+            "device",
+            "time_budget_s",
+            "reserve_s",
+            "log_every",
+            "save_every_s",
+            "compile",
+        }
+        return {k: v for k, v in asdict(self).items() if k not in keep}
 
 
 class Clock:
@@ -101,91 +119,110 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def lr_at(base: float, step: int, progress: float, warmup: int = 100) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay over the phase's time `progress` in [0, 1]."""
-    warm = min(1.0, (step + 1) / warmup)
-    return base * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def skip_nonfinite(loss: torch.Tensor, step: int, phase: str) -> bool:
-    """True if `loss` is finite; otherwise log it so the caller skips this update."""
-    if torch.isfinite(loss).item():
-        return True
-    log(f"[{phase}] step {step}: non-finite loss {loss.item()}, update skipped")
-    return False
+def lr_at(base: float, step: int, total: int, warmup: int = 100) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% at step `total`."""
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    progress = min(step / max(total, 1), 1.0)
+    return base * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+# ----------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunState:
+    """Where a run stands: phase ("vae", "dit" or "done"), steps done per phase, training seconds
+    over all invocations, updates skipped for a non-finite gradient, the loss log and the summary."""
+
+    phase: str = "vae"
+    vae_step: int = 0
+    dit_step: int = 0
+    train_s: float = 0.0
+    skipped: int = 0
+    vae_mse_avg: float = 1.0  # running training MSE of the VAE (its early stop)
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
 # ----------------------------------------------------------------------------- VAE phase
 
 
-def train_vae(
-    pipe: FluxPipeline,
-    cfg: TrainConfig,
-    device: torch.device,
-    deadline: float,
-    hard_deadline: float,
-    clock: Clock,
-    history: list,
-) -> None:
-    """Train `pipe.vae` in place until `deadline` (seconds on `clock`), or on to `hard_deadline`
-    while its training PSNR is under `cfg.vae_min_psnr`; at most `cfg.vae_max_steps`."""
-    vae = pipe.vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    size = cfg.arch["sample_size"]
-    start, step, mse_avg = clock.elapsed(), 0, 1.0
-    while step < cfg.vae_max_steps and clock.elapsed() < hard_deadline:
-        psnr_avg = 10 * math.log10(4.0 / mse_avg)
-        if clock.elapsed() >= deadline and psnr_avg >= cfg.vae_min_psnr:
-            break
-        if step > 500 and psnr_avg >= cfg.vae_stop_psnr:
-            log(
-                f"[vae] training PSNR reached {cfg.vae_stop_psnr} dB: the rest goes to the transformer"
-            )
-            break
-        progress = (clock.elapsed() - start) / max(deadline - start, 1e-6)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg.vae_lr, step, progress)
-        x = make_scenes(cfg.vae_batch, size, generator=gen, device=device).images * 2 - 1
-        with autocast(device):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample
+class VaeTraining:
+    """The VAE phase: its optimizer and noise generator, one `step()` at a time."""
+
+    def __init__(self, pipe: FluxPipeline, cfg: TrainConfig, device: torch.device) -> None:
+        self.pipe, self.cfg, self.device = pipe, cfg, device
+        self.vae = pipe.vae.train().requires_grad_(True)
+        self.opt = torch.optim.AdamW(
+            self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99)
+        )
+        self.gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One update on a fresh batch of scenes; returns its loss terms (device tensors)."""
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(cfg.vae_lr, step, cfg.vae_steps)
+        x = make_scenes(
+            cfg.vae_batch, cfg.arch["sample_size"], generator=self.gen, device=self.device
+        )
+        x = x.images * 2 - 1
+        with autocast(self.device):
+            posterior = self.vae.encode(x).latent_dist
+            recon = self.vae.decode(posterior.sample(generator=self.gen)).sample
         recon = recon.float()
         mse = F.mse_loss(recon, x)
-        l1 = (recon - x).abs().mean()
         kl = posterior.kl().float().mean() / x[0].numel()
-        loss = mse + 0.1 * l1 + cfg.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        if not skip_nonfinite(loss, step, "vae"):
-            step += 1
-            continue
+        loss = mse + 0.1 * (recon - x).abs().mean() + cfg.vae_kl_weight * kl
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0:  # one host sync every 25 steps
-            mse_avg = 0.7 * mse_avg + 0.3 * mse.item() if step else mse.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        if torch.isfinite(norm).item():  # the VAE phase is short: a host sync per step is fine
+            self.opt.step()
+        return dict(loss=loss, mse=mse, kl=kl)
+
+    def state_dict(self) -> dict:
+        return dict(opt=self.opt.state_dict(), gen=self.gen.get_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+
+
+def train_vae(
+    vt: VaeTraining, state: RunState, clock: Clock, deadline: float, base_s: float
+) -> None:
+    """Run VAE steps until `cfg.vae_steps`, the PSNR stop, or `deadline`; marks the phase done."""
+    cfg = vt.cfg
+    while state.vae_step < cfg.vae_steps and clock.elapsed() < deadline:
+        step = state.vae_step
+        terms = vt.step(step)
+        if step % 25 == 0:
+            mse = terms["mse"].item()
+            state.vae_mse_avg = 0.7 * state.vae_mse_avg + 0.3 * mse if step else mse
         if step % cfg.log_every == 0:
-            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))  # pixels in [-1, 1]
-            rec = dict(
-                phase="vae",
-                step=step,
-                t=round(clock.elapsed(), 1),
-                loss=loss.item(),
-                mse=mse.item(),
-                kl=kl.item(),
-                psnr=psnr,
-            )
-            history.append(rec)
+            psnr = 10 * math.log10(4.0 / max(terms["mse"].item(), 1e-12))  # pixels in [-1, 1]
+            rec = dict(phase="vae", step=step, t=round(base_s + clock.elapsed(), 1), psnr=psnr)
+            rec.update({k: v.item() for k, v in terms.items()})
+            state.history.append(rec)
             log(
-                f"[vae] step {step:5d}  t {rec['t']:6.1f}s  loss {loss.item():.5f}  psnr {psnr:5.2f} dB  kl {kl.item():.3f}"
+                f"[vae] step {step:5d}  t {rec['t']:6.1f}s  loss {rec['loss']:.5f}  "
+                f"psnr {psnr:5.2f} dB  kl {rec['kl']:.3f}"
             )
-        step += 1
-    vae.eval().requires_grad_(False)
-    log(f"[vae] done: {step} steps in {clock.elapsed() - start:.1f}s")
+        state.vae_step += 1
+        if step > 500 and 10 * math.log10(4.0 / state.vae_mse_avg) >= cfg.vae_stop_psnr:
+            log(f"[vae] training PSNR reached {cfg.vae_stop_psnr} dB at step {step}")
+            break
+    else:
+        if state.vae_step < cfg.vae_steps:
+            return  # out of time: the phase goes on after a resume
+    state.phase = "dit"
+    vt.vae.eval().requires_grad_(False)
+    log(f"[vae] done: {state.vae_step} steps")
 
 
 @torch.no_grad()
@@ -218,7 +255,7 @@ def latent_statistics(latents: torch.Tensor) -> tuple[float, float]:
     return shift, 1.0 / (z - shift).std().item()
 
 
-# ----------------------------------------------------------------------------- transformer phase
+# ----------------------------------------------------------------------------- captions
 
 
 def caption_table() -> tuple[list[str], dict]:
@@ -243,27 +280,41 @@ def caption_table() -> tuple[list[str], dict]:
     )
 
 
+def caption_lookup(index: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """`caption_table`'s index as tensors: full [S, C, C] (same-colour background: -1),
+    shape_colour [S, C], shape_only [S], colour_only [C]."""
+    s, c = len(SHAPES), len(COLOURS)
+    full = torch.full((s, c, c), -1, dtype=torch.long)
+    for key, row in index["full"].items():
+        full[key] = row
+    shape_colour = torch.tensor([[index["shape_colour"][i, j] for j in range(c)] for i in range(s)])
+    shape_only = torch.tensor([index["shape_only"][i] for i in range(s)])
+    colour_only = torch.tensor([index["colour_only"][j] for j in range(c)])
+    out = dict(full=full, shape_colour=shape_colour, shape_only=shape_only, colour_only=colour_only)
+    return {k: v.to(device) for k, v in out.items()}
+
+
 def pick_captions(
-    shape: list[int],
-    colour: list[int],
-    bg: list[int],
-    index: dict,
+    shape: torch.Tensor,
+    colour: torch.Tensor,
+    bg: torch.Tensor,
+    lookup: dict[str, torch.Tensor],
     cfg: TrainConfig,
-    rng: random.Random,
-) -> list[int]:
-    """Caption index per sample: neutral with p_neutral, a partial caption with p_partial, else full."""
-    out = []
-    for s, c, b in zip(shape, colour, bg):
-        u = rng.random()
-        if u < cfg.p_neutral:
-            out.append(0)
-        elif u < cfg.p_neutral + cfg.p_partial:
-            kind = rng.choice(("shape_colour", "shape_colour", "shape_only", "colour_only"))
-            key = {"shape_colour": (s, c), "shape_only": s, "colour_only": c}[kind]
-            out.append(index[kind][key])
-        else:
-            out.append(index["full"][s, c, b])
-    return out
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Caption row per sample [B], on the labels' device without a host sync: the neutral caption
+    with p_neutral, a partial one with p_partial ("a red circle" twice as often as "a circle" or
+    "a red shape"), else the full caption."""
+    u = torch.rand(shape.shape, generator=gen, device=shape.device)
+    kind = torch.randint(4, shape.shape, generator=gen, device=shape.device)
+    sc = lookup["shape_colour"][shape, colour]
+    partial = torch.stack([sc, sc, lookup["shape_only"][shape], lookup["colour_only"][colour]], 1)
+    partial = partial.gather(1, kind[:, None])[:, 0]
+    full = lookup["full"][shape, colour, bg]
+    neutral = torch.zeros_like(full)
+    return torch.where(
+        u < cfg.p_neutral, neutral, torch.where(u < cfg.p_neutral + cfg.p_partial, partial, full)
+    )
 
 
 def sample_t(n: int, shift: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -298,15 +349,20 @@ class CaptionEncoder:
         ).input_ids.to(device)
 
     def encode(
-        self, pipe: FluxPipeline, rows: torch.Tensor
+        self, pipe: FluxPipeline, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Caption rows [K] -> (T5 embeds [K, L, D], CLIP pooled [K, P], text ids [L, 3])."""
-        pooled = pipe.text_encoder(self.clip_ids[rows], output_hidden_states=False).pooler_output
-        embeds = pipe.text_encoder_2(self.t5_ids[rows], output_hidden_states=False)[0]
+        """Caption rows [K] (None: all) -> (T5 embeds [K, L, D], CLIP pooled [K, P], text ids [L, 3])."""
+        clip_ids = self.clip_ids if rows is None else self.clip_ids[rows]
+        t5_ids = self.t5_ids if rows is None else self.t5_ids[rows]
+        pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        embeds = pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         text_ids = torch.zeros(
             embeds.shape[1], 3, device=embeds.device, dtype=pipe.text_encoder.dtype
         )
         return embeds.to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder.dtype), text_ids
+
+
+# ----------------------------------------------------------------------------- transformer phase
 
 
 def flow_loss(
@@ -316,6 +372,7 @@ def flow_loss(
     cap_idx: torch.Tensor,
     gen: torch.Generator,
     shift: float,
+    img_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss for normalised latents x0 [B, 16, h, w]; `text` = (embeds [K, L, D],
     pooled [K, P], text ids [L, 3]) of K captions, `cap_idx` [B] picks each sample's caption."""
@@ -328,7 +385,8 @@ def flow_loss(
     xt = (1 - tt) * x0 + tt * noise
     packed = FluxPipeline._pack_latents(xt, b, c, h, w)
     target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, x0.dtype)
+    if img_ids is None:
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, x0.dtype)
     pred = pipe.transformer(
         hidden_states=packed,
         timestep=t,
@@ -342,103 +400,137 @@ def flow_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
-def train_transformer(
-    pipe: FluxPipeline,
-    data: dict,
-    cfg: TrainConfig,
-    device: torch.device,
-    deadline: float,
-    clock: Clock,
-    history: list,
-    save,
-) -> dict:
-    """Train transformer + text encoders until `deadline`; returns the EMA modules' state dicts."""
-    modules = {
-        "transformer": pipe.transformer,
-        "text_encoder": pipe.text_encoder,
-        "text_encoder_2": pipe.text_encoder_2,
-    }
-    for m in modules.values():
-        m.train().requires_grad_(True)
-    ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
-    ema_params = [p for k in modules for p in ema[k].parameters()]
-    live_params = [p for k in modules for p in modules[k].parameters()]
-    opt = torch.optim.AdamW(
-        [
-            dict(params=list(pipe.transformer.parameters()), lr=cfg.lr),
-            dict(
-                params=list(pipe.text_encoder.parameters())
-                + list(pipe.text_encoder_2.parameters()),
-                lr=cfg.text_lr,
-            ),
-        ],
-        weight_decay=0.01,
-        betas=(0.9, 0.99),
-    )
-    texts, index = caption_table()
-    captions = CaptionEncoder(pipe, texts, cfg.arch["max_sequence_length"], device)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device).manual_seed(cfg.seed + 2)
-    n = data["latents"].shape[0]
-    scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
-    start, step, last_save, skipped = clock.elapsed(), 0, clock.elapsed(), 0
-    while step < cfg.max_steps and clock.elapsed() < deadline:
-        progress = (clock.elapsed() - start) / max(deadline - start, 1e-6)
-        for g, base in zip(opt.param_groups, (cfg.lr, cfg.text_lr)):
-            g["lr"] = lr_at(base, step, progress, warmup=cfg.warmup)
-        idx = torch.randint(n, (cfg.batch,), generator=gen, device=device)
-        x0 = (data["latents"][idx].float() - shift) * scale
-        cap = pick_captions(
-            data["shape"][idx].tolist(),
-            data["colour"][idx].tolist(),
-            data["background"][idx].tolist(),
-            index,
-            cfg,
-            rng,
+class DitTraining:
+    """The transformer phase: live modules, their EMA, the fused AdamW, caption tables, generator.
+
+    `step()` queues one update without waiting for the GPU: an update whose gradient norm is not
+    finite is dropped inside the optimizer (`found_inf`), and counted on the device.
+    """
+
+    def __init__(
+        self, pipe: FluxPipeline, data: dict, cfg: TrainConfig, device: torch.device
+    ) -> None:
+        self.pipe, self.data, self.cfg, self.device = pipe, data, cfg, device
+        self.modules = {
+            "transformer": pipe.transformer,
+            "text_encoder": pipe.text_encoder,
+            "text_encoder_2": pipe.text_encoder_2,
+        }
+        for m in self.modules.values():
+            m.train().requires_grad_(True)
+        self.ema = {
+            k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in self.modules.items()
+        }
+        self.ema_params = [p for k in self.modules for p in self.ema[k].parameters()]
+        self.live_params = [p for k in self.modules for p in self.modules[k].parameters()]
+        text_params = list(pipe.text_encoder.parameters()) + list(pipe.text_encoder_2.parameters())
+        self.opt = torch.optim.AdamW(
+            [
+                dict(params=list(pipe.transformer.parameters()), lr=cfg.lr),
+                dict(params=text_params, lr=cfg.text_lr),
+            ],
+            weight_decay=0.01,
+            betas=(0.9, 0.99),
+            fused=True,
         )
-        used = sorted(set(cap))  # encode each distinct caption once
-        where = {c: i for i, c in enumerate(used)}
-        cap_idx = torch.tensor([where[c] for c in cap], device=device)
-        with autocast(device):
-            text = captions.encode(pipe, torch.tensor(used, device=device))
-            loss = flow_loss(pipe, x0, text, cap_idx, gen, float(cfg.arch["scheduler"]["shift"]))
-        opt.zero_grad(set_to_none=True)
-        if not skip_nonfinite(loss, step, "dit"):
-            step += 1
-            continue
+        texts, index = caption_table()
+        self.captions = CaptionEncoder(pipe, texts, cfg.arch["max_sequence_length"], device)
+        self.lookup = caption_lookup(index, device)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed + 2)
+        self.skipped = torch.zeros((), device=device)
+        _, c, h, w = data["latents"].shape
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(
+            cfg.batch, h // 2, w // 2, device, torch.float32
+        )
+        if cfg.compile:
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+
+    def step(self, step: int) -> torch.Tensor:
+        """Queue update number `step`; returns its loss (a device tensor)."""
+        cfg, pipe, data = self.cfg, self.pipe, self.data
+        for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.text_lr)):
+            g["lr"] = lr_at(base, step, cfg.dit_steps, warmup=cfg.warmup)
+        n = data["latents"].shape[0]
+        idx = torch.randint(n, (cfg.batch,), generator=self.gen, device=self.device)
+        scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+        x0 = (data["latents"][idx].float() - shift) * scale
+        cap_idx = pick_captions(
+            data["shape"][idx],
+            data["colour"][idx],
+            data["background"][idx],
+            self.lookup,
+            cfg,
+            self.gen,
+        )
+        with autocast(self.device):
+            text = self.captions.encode(pipe)  # every caption: a fixed shape, no host sync
+            loss = flow_loss(
+                pipe,
+                x0,
+                text,
+                cap_idx,
+                self.gen,
+                float(cfg.arch["scheduler"]["shift"]),
+                self.img_ids,
+            )
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(live_params, 1.0)
-        if not torch.isfinite(norm).item():  # clipping turns inf into NaN: never apply such a step
-            opt.zero_grad(set_to_none=True)
-            skipped += 1
-            if skipped <= 5 or skipped % 100 == 0:
-                log(
-                    f"[dit] step {step}: non-finite gradient norm, update skipped ({skipped} so far)"
-                )
-            step += 1
-            continue
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.live_params, 1.0)
+        found_inf = (~torch.isfinite(norm)).float()  # 0-dim, like the step counters
+        self.opt.found_inf = found_inf  # the fused AdamW skips the whole update where it is 1
+        self.opt.step()
+        self.skipped += found_inf
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
-        if step % cfg.log_every == 0:
+            torch._foreach_lerp_(self.ema_params, self.live_params, 1 - decay)
+        return loss
+
+    def state_dict(self) -> dict:
+        return dict(
+            opt=self.opt.state_dict(),
+            gen=self.gen.get_state(),
+            ema={k: m.state_dict() for k, m in self.ema.items()},
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        for k, m in self.ema.items():
+            m.load_state_dict(state["ema"][k])
+
+
+def train_transformer(
+    dt: DitTraining, state: RunState, clock: Clock, deadline: float, base_s: float, save
+) -> None:
+    """Run transformer steps until `cfg.dit_steps` or `deadline`; `save(milestone)` every
+    `cfg.save_every_s` seconds. Marks the phase done when all steps are taken."""
+    cfg = dt.cfg
+    last_save = clock.elapsed()
+    while state.dit_step < cfg.dit_steps and clock.elapsed() < deadline:
+        step = state.dit_step
+        loss = dt.step(step)
+        state.dit_step += 1
+        if step % cfg.log_every == 0 or state.dit_step == cfg.dit_steps:
+            state.skipped = int(dt.skipped.item())
             rec = dict(
                 phase="transformer",
                 step=step,
-                t=round(clock.elapsed(), 1),
+                t=round(base_s + clock.elapsed(), 1),
                 loss=loss.item(),
-                lr=opt.param_groups[0]["lr"],
+                lr=dt.opt.param_groups[0]["lr"],
+                skipped=state.skipped,
             )
-            history.append(rec)
+            state.history.append(rec)
             log(
-                f"[dit] step {step:5d}  t {rec['t']:6.1f}s  loss {loss.item():.4f}  lr {rec['lr']:.2e}"
+                f"[dit] step {step:5d}  t {rec['t']:6.1f}s  loss {rec['loss']:.4f}  "
+                f"lr {rec['lr']:.2e}  skipped {state.skipped}"
             )
-        step += 1
         if clock.elapsed() - last_save > cfg.save_every_s:
-            save(ema, f"transformer step {step}")
+            save(f"transformer step {state.dit_step}")
             last_save = clock.elapsed()
-    log(f"[dit] done: {step} steps ({skipped} skipped) in {clock.elapsed() - start:.1f}s")
-    return ema
+    state.skipped = int(dt.skipped.item())
+    if state.dit_step >= cfg.dit_steps:
+        state.phase = "done"
 
 
 # ----------------------------------------------------------------------------- export
@@ -470,16 +562,15 @@ def export_weights(
     arch = copy.deepcopy(cfg.arch)
     arch["scaling_factor"] = float(pipe.vae.config.scaling_factor)
     arch["shift_factor"] = float(pipe.vae.config.shift_factor)
-    record = dict(
-        arch=arch, train=dict(**{k: v for k, v in asdict(cfg).items() if k != "arch"}), **info
-    )
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("arch", "out", "device")}
+    record = dict(arch=arch, train=train, **info)
     with atomic_path(out / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
 
 
-def write_history(out: Path, history: list, summary: dict) -> None:
+def write_history(out: Path, state: RunState) -> None:
     with atomic_path(out / LOG_FILE) as tmp:
-        tmp.write_text(json.dumps(dict(summary=summary, history=history), indent=1))
+        tmp.write_text(json.dumps(dict(summary=state.summary, history=state.history), indent=1))
 
 
 @torch.no_grad()
@@ -499,12 +590,49 @@ def vae_psnr(
     return torch.cat(values).mean().item()
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    out: Path, cfg: TrainConfig, pipe: FluxPipeline, state: RunState, phase_state: dict
+) -> None:
+    """Everything a resumed run needs, in one file loadable with `weights_only=True`."""
+    modules = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    record = dict(
+        signature=json.dumps(cfg.signature(), sort_keys=True),
+        state=json.dumps({k: v for k, v in asdict(state).items()}),
+        vae_config=dict(
+            shift_factor=float(pipe.vae.config.shift_factor),
+            scaling_factor=float(pipe.vae.config.scaling_factor),
+        ),
+        models={k: getattr(pipe, k).state_dict() for k in modules},
+        phase_state=phase_state,
+    )
+    with atomic_path(out / CHECKPOINT_FILE) as tmp:
+        torch.save(record, tmp)
+
+
+def load_checkpoint(out: Path, cfg: TrainConfig, pipe: FluxPipeline) -> tuple[RunState, dict]:
+    """Restore `pipe`'s weights from `out/checkpoint.pt`; returns the run state and phase state."""
+    record = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    mine = json.dumps(cfg.signature(), sort_keys=True)
+    if record["signature"] != mine:
+        theirs, ours = json.loads(record["signature"]), json.loads(mine)
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise InvalidArgumentError(
+            f"{out / CHECKPOINT_FILE} belongs to a run with other settings ({', '.join(diff)}): "
+            "resume with the same settings, or start over without --resume"
+        )
+    for k, sd in record["models"].items():
+        getattr(pipe, k).load_state_dict(sd)
+    pipe.vae.register_to_config(**record["vae_config"])
+    return RunState(**json.loads(record["state"])), record["phase_state"]
+
+
 # ----------------------------------------------------------------------------- driver
 
 
-def train_toy(cfg: TrainConfig) -> dict:
-    """Run both phases within `cfg.time_budget_s` and write the weights to `cfg.out`; return a summary."""
-    clock = Clock()
+def setup_device(cfg: TrainConfig) -> torch.device:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -513,52 +641,95 @@ def train_toy(cfg: TrainConfig) -> dict:
         # cuDNN's fused attention backward fails on these shapes (torch 2.11, H100: "mha_graph.execute"
         # errors or silent NaN); the flash and memory-efficient kernels train fine
         torch.backends.cuda.enable_cudnn_sdp(False)
+    return device
+
+
+def train_toy(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or, with `resume`, continue) flux-toy into `cfg.out`; returns the run's summary.
+
+    The summary's `finished` is False when the time budget ended the invocation first: run again
+    with `resume=True` to go on.
+    """
+    clock = Clock()
+    device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_toy_pipeline(cfg.arch, seed=cfg.seed).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    history: list = []
-    summary: dict = dict(
+    pipe = build_toy_pipeline(cfg.arch, seed=cfg.seed)
+    state, phase_state = RunState(), {}
+    if resume and (out / CHECKPOINT_FILE).is_file():
+        state, phase_state = load_checkpoint(out, cfg, pipe)
+        log(
+            f"resuming {out}: phase {state.phase}, VAE step {state.vae_step}, DiT step {state.dit_step}"
+        )
+    pipe.to(device).set_progress_bar_config(disable=True)
+    base_s = state.train_s  # training seconds of earlier invocations
+    state.summary.update(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
     )
     size = cfg.arch["sample_size"]
-    train_s = max(cfg.time_budget_s - cfg.reserve_s, 1.0)
+    deadline = max(cfg.time_budget_s - cfg.reserve_s, 1.0)
     log(
-        f"flux-toy training on {summary['device']}: budget {cfg.time_budget_s:.0f}s, {size}x{size} scenes, out {out}"
+        f"flux-toy training on {state.summary['device']}: {cfg.vae_steps} VAE + {cfg.dit_steps} "
+        f"transformer steps, {size}x{size} scenes, budget {cfg.time_budget_s:.0f}s, out {out}"
     )
 
-    now = clock.elapsed()
-    train_vae(
-        pipe,
-        cfg,
-        device,
-        now + cfg.vae_fraction * train_s,
-        now + cfg.vae_max_fraction * train_s,
-        clock,
-        history,
-    )
+    def checkpoint(phase_state: dict) -> None:
+        state.train_s = round(base_s + clock.elapsed(), 1)
+        save_checkpoint(out, cfg, pipe, state, phase_state)
+
+    vae_phase = state.phase == "vae"
+    if vae_phase:
+        vt = VaeTraining(pipe, cfg, device)
+        if phase_state:
+            vt.load_state_dict(phase_state)
+        train_vae(vt, state, clock, deadline, base_s)
+        if state.phase == "vae":
+            checkpoint(vt.state_dict())
+            return finish(state, out, clock, base_s, finished=False)
+        phase_state = {}  # the transformer phase starts fresh
+    pipe.vae.eval().requires_grad_(False)
     data = encode_scenes(pipe, cfg.num_latents, size, cfg.seed + 3, device)
-    shift, scale = latent_statistics(data["latents"])
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    summary.update(vae_shift_factor=shift, vae_scaling_factor=scale)
-    summary["vae_psnr_db"] = vae_psnr(pipe, 64 if cfg.smoke else 512, size, cfg.seed + 4, device)
-    log(
-        f"[vae] latents: shift {shift:.4f}  scale {scale:.4f}  held-out PSNR {summary['vae_psnr_db']:.2f} dB  (t {clock.elapsed():.1f}s)"
-    )
-    export_weights(pipe, out, cfg, dict(milestone="vae", summary=summary))
-    write_history(out, history, summary)
+    if vae_phase:  # the VAE's latent statistics, once, right after its training
+        shift, scale = latent_statistics(data["latents"])
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        state.summary.update(vae_shift_factor=shift, vae_scaling_factor=scale)
+        state.summary["vae_psnr_db"] = vae_psnr(
+            pipe, 64 if cfg.smoke else 512, size, cfg.seed + 4, device
+        )
+        log(
+            f"[vae] latents: shift {shift:.4f}  scale {scale:.4f}  held-out PSNR "
+            f"{state.summary['vae_psnr_db']:.2f} dB  (t {base_s + clock.elapsed():.1f}s)"
+        )
+        export_weights(pipe, out, cfg, dict(milestone="vae", summary=state.summary))
+        write_history(out, state)
 
-    def save(ema: dict, milestone: str) -> None:
-        export_weights(pipe, out, cfg, dict(milestone=milestone, summary=summary), ema)
-        write_history(out, history, summary)
-        log(f"[save] {milestone} -> {out}  (t {clock.elapsed():.1f}s)")
+    dt = DitTraining(pipe, data, cfg, device)
+    if phase_state:
+        dt.load_state_dict(phase_state)
 
-    ema = train_transformer(
-        pipe, data, cfg, device, cfg.time_budget_s - cfg.reserve_s, clock, history, save
+    def save(milestone: str) -> None:
+        export_weights(pipe, out, cfg, dict(milestone=milestone, summary=state.summary), dt.ema)
+        write_history(out, state)
+        log(f"[save] {milestone} -> {out}  (t {base_s + clock.elapsed():.1f}s)")
+
+    if state.phase == "dit":
+        train_transformer(dt, state, clock, deadline, base_s, save)
+    if state.phase != "done":
+        checkpoint(dt.state_dict())
+    state.summary["final_loss"] = next(
+        (r["loss"] for r in reversed(state.history) if r["phase"] == "transformer"), None
     )
-    summary["final_loss"] = history[-1]["loss"] if history else None
-    summary["train_s"] = round(clock.elapsed(), 1)
-    save(ema, "final")
-    return summary
+    done = state.phase == "done"
+    state.summary.update(dit_steps_done=state.dit_step, skipped_updates=state.skipped)
+    save("final" if done else f"transformer step {state.dit_step}")
+    return finish(state, out, clock, base_s, finished=done)
+
+
+def finish(state: RunState, out: Path, clock: Clock, base_s: float, finished: bool) -> dict:
+    state.summary.update(finished=finished, train_s=round(base_s + clock.elapsed(), 1))
+    write_history(out, state)
+    if not finished:
+        log(f"time budget reached: continue with --resume (checkpoint in {out / CHECKPOINT_FILE})")
+    return state.summary
