@@ -59,12 +59,12 @@ class TrainConfig:
     vae_kl_weight: float = 1e-4  # on the KL summed over latents / pixel count
     vae_steps: int = 3000
     vae_stop_psnr: float = 35.0  # end the VAE phase early once its training PSNR (dB) reaches this
-    num_latents: int = 65536  # scenes encoded once for the transformer phase
-    batch: int = 512
-    lr: float = 3e-4
+    num_latents: int = 131072  # scenes encoded once for the transformer phase
+    batch: int = 2048
+    lr: float = 5e-4
     text_lr: float = 1e-4
     warmup: int = 500
-    dit_steps: int = 20000
+    dit_steps: int = 6500
     ema_decay: float = 0.999
     p_neutral: float = 0.15  # caption dropout to the neutral prompt
     p_partial: float = 0.15  # "a red circle" / "a circle" / "a red shape" ...
