@@ -62,9 +62,9 @@ class TrainConfig:
     num_latents: int = 131072  # scenes encoded once for the transformer phase
     batch: int = 2048
     lr: float = 5e-4
-    text_lr: float = 1e-4
+    text_lr: float = 3e-4
     warmup: int = 500
-    dit_steps: int = 6500
+    dit_steps: int = 6600
     ema_decay: float = 0.999
     p_neutral: float = 0.15  # caption dropout to the neutral prompt
     p_partial: float = 0.15  # "a red circle" / "a circle" / "a red shape" ...
