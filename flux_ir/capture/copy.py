@@ -394,7 +394,7 @@ class AsyncCopier:
                 event.synchronize()
                 del sources  # the copies are done: the device memory may be reused
                 if runs:
-                    drain_runs(runs, slab)
+                    self._drain_runs(runs, slab)
             except BaseException as err:  # surfaced by synchronize()
                 self._error = err
             finally:
@@ -403,6 +403,9 @@ class AsyncCopier:
                 slab = runs = None
                 self._inflight.release()
                 self._jobs.finish(n)
+
+    def _drain_runs(self, runs: list[tuple], slab: torch.Tensor) -> None:
+        drain_runs(runs, slab)
 
     def _check_error(self) -> None:
         if self._error is not None:
