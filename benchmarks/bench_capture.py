@@ -12,11 +12,18 @@ in the same process, on the same model, interleaved per shape; the ratio is to `
 - sync: blocking `.cpu()` of every block output (the original tool).
 - async_per_tensor: the earlier prototype: per tensor wait_stream + copy into a reused pinned buffer
   + record_stream, no drain to pageable memory.
-- async: flux-ir's AsyncCopier (batched side-stream copies into reused pinned slabs, one event per
-  group, background drain into pageable host tensors).
-- async_nodrain (diagnostic): async without the background pinned -> pageable copy (data discarded).
+- async: flux-ir's AsyncCopier as it runs by default (`dest="pinned"`): batched side-stream copies
+  straight into page-locked host chunks (within an 8 GiB budget), one event per group, no host copy.
+- async_arena: `dest="arena"`: copies into reused pinned slabs, drained by 4 threads into pageable
+  chunks pre-faulted ahead of use (huge pages advised), one memcpy per contiguous run.
+  async_arena_1t: the same with one drain thread.
+- async_fresh: `dest="fresh"` (the previous AsyncCopier): a new pageable tensor per copy, drained
+  tensor by tensor by one thread (first-touch page faults in the drain).
+- async_nodrain (diagnostic): async_fresh without the background pinned -> pageable copy (data
+  discarded).
 - async_img: async, image tokens only. async_sel: 9 blocks, image tokens, 2x2 pooled, bf16.
-All blocks, both streams, every step unless named otherwise. main_cpu_ms: CPU time of the main
+All blocks, both streams, every step unless named otherwise. first_run_ratio: the warm-up run (new
+page-locked chunks and slabs are allocated in it) against plain's warm-up. main_cpu_ms: CPU time of the main
 (launching) thread per step; when it is close to step_ms the step is CPU launch-bound and any
 Python work in hooks adds to the step time one for one.
 """
@@ -63,14 +70,8 @@ class PerTensorAsyncCopier:
 class NoDrainCopier(AsyncCopier):
     """Diagnostic: AsyncCopier whose background thread skips the pinned -> pageable copy."""
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if item[0] == "fence":
-                item[1].set()
-                continue
-            item[1].synchronize()
-            self.pool.release(item[2])
-            item = None
+    def _drain_runs(self, runs, slab) -> None:
+        pass
 
 
 def captured_bytes(trace: BlockTrace) -> int:
@@ -132,11 +133,21 @@ def main() -> None:
         if not args.smoke
         else Selection(double_blocks=(0,), single_blocks=(1,), streams="img", reduce="pool2")
     )
+    copiers = {
+        "async": AsyncCopier(),
+        "async_arena": AsyncCopier(dest="arena"),
+        "async_arena_1t": AsyncCopier(dest="arena", drain_threads=1),
+        "async_fresh": AsyncCopier(dest="fresh", drain_threads=1),
+    }
+    async_copier = copiers["async"]
     configs = {
         "plain": lambda: contextlib.nullcontext(),
         "noop_hooks": noop_ctx,
         "sync": lambda: BlockTrace(pipe.transformer, copier=SyncCopier()),
-        "async": lambda: BlockTrace(pipe.transformer, copier=async_copier),
+        **{
+            name: (lambda c=c: BlockTrace(pipe.transformer, copier=c))
+            for name, c in copiers.items()
+        },
         "async_img": lambda: BlockTrace(pipe.transformer, copier=async_copier, selection=sel_img),
         "async_sel": lambda: BlockTrace(
             pipe.transformer, copier=async_copier, selection=sel_small, image_grid=grid
@@ -147,8 +158,7 @@ def main() -> None:
         configs["async_per_tensor"] = lambda: BlockTrace(
             pipe.transformer, copier=PerTensorAsyncCopier()
         )
-    async_copier = AsyncCopier()
-    nodrain_copier = NoDrainCopier() if cuda else None
+    nodrain_copier = NoDrainCopier(dest="fresh", drain_threads=1) if cuda else None
     for size, batch in shapes:
         grid = (size // 16, size // 16)
         with torch.inference_mode():
@@ -169,7 +179,11 @@ def main() -> None:
         shape_key = f"{size}x{size}_b{batch}"
         res = {}
         for name, make in configs.items():
-            generate(make())  # warm-up (pinned pools, allocator, autotuning)
+            sync()
+            t0 = time.perf_counter()
+            generate(make())  # warm-up (pinned pools and chunks, allocator, autotuning)
+            sync()
+            first_s = time.perf_counter() - t0
             times, gpu_times, cpu_times = [], [], []
             for _ in range(1 if args.smoke else args.repeats):
                 ctx = make()
@@ -185,6 +199,7 @@ def main() -> None:
             med = sorted(times)[len(times) // 2]
             res[name] = {
                 "median_s": med,
+                "first_run_s": first_s,
                 "times_s": times,
                 "until_pipe_returned_s": sorted(gpu_times)[len(gpu_times) // 2],
                 "main_thread_cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
@@ -200,6 +215,7 @@ def main() -> None:
                     config=name,
                     step_ms=1000 * r["median_s"] / steps,
                     ratio=r["ratio"],
+                    first_run_ratio=r["first_run_s"] / res["plain"]["first_run_s"],
                     main_cpu_ms=1000 * r["main_thread_cpu_s"] / steps,
                     GB_per_step=r["captured_GB_per_step"],
                 )
@@ -207,13 +223,14 @@ def main() -> None:
         result["shapes"][shape_key] = res
         write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE)
         torch.cuda.empty_cache() if cuda else None
-    async_copier.close()
+    for c in copiers.values():
+        c.close()
     if nodrain_copier is not None:
         nodrain_copier.close()
     print(write_results(args.out, "capture_overhead", result, rows, COLUMNS, NOTE))
 
 
-COLUMNS = ["shape", "config", "step_ms", "ratio", "main_cpu_ms", "GB_per_step"]
+COLUMNS = ["shape", "config", "step_ms", "ratio", "main_cpu_ms", "GB_per_step", "first_run_ratio"]
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,20 @@
     PYTHONPATH=. python benchmarks/bench_offload.py --out results/
     PYTHONPATH=. python benchmarks/bench_offload.py --smoke
 
-What is measured: for each `--offload` mode, in its own process: the pipeline (random bf16 weights,
-built on the GPU, then moved to the CPU and offloaded), one 1-step warm-up, then a plain generation
-(prompt to PIL image) and a capture of every block, both streams, every step (async copier, held in
-host memory), each timed once. Peak VRAM is `torch.cuda.max_memory_allocated` (and reserved) over
+What is measured: for each `--offload` mode or group variant, in its own process: the pipeline
+(random bf16 weights, built on the GPU, then moved to the CPU and offloaded), one 1-step warm-up,
+then a plain generation timed by component (text_s: `encode_prompt`; denoise_s: the transformer
+steps from the prompt embeddings; vae_s: unpacking and VAE decode; plain_s is their sum) and a
+capture of every block, both streams, every step (async copier, held in host memory, prompt to
+PIL image), each timed once. `sequential` skips the warm-up and the plain run (capture only).
+Group variants (`GroupOffload` in flux_ir/models/loading.py; `group` is the default):
+- group: VAE and CLIP resident on the GPU, transformer and T5 block-level, 1 block per group,
+  side stream with record_stream.
+- group_all: the earlier default: every component group-offloaded, no record_stream.
+- group_all_rs: every component group-offloaded, with record_stream.
+- group_nors: `group` without record_stream (the host syncs after every group).
+- group_g2 / group_g4: `group` with 2 / 4 blocks per group.
+- group_t5leaf: `group` with T5 leaf-level. Peak VRAM is `torch.cuda.max_memory_allocated` (and reserved) over
 the capture run. "max rel diff" compares six block outputs at the first and last step to the
 no-offload run (nan-aware; random bf16 weights can overflow, so this is reported, not asserted).
 """
@@ -25,6 +35,16 @@ from common import parser, sync, write_results
 
 NOTE = __doc__.split("What is measured:")[1]
 MODES = ("none", "model", "group", "sequential")
+VARIANTS = {
+    "group": {},
+    "group_all": dict(resident=(), record_stream=False),
+    "group_all_rs": dict(resident=()),
+    "group_nors": dict(record_stream=False),
+    "group_g2": dict(num_blocks_per_group=2),
+    "group_g4": dict(num_blocks_per_group=4),
+    "group_t5leaf": dict(text_encoder_2_level="leaf_level"),
+}
+DEFAULT_MODES = "none,group,group_all,group_all_rs,group_nors"
 KEEP = {"double": (0, 9, 18), "single": (0, 18, 37)}
 
 
@@ -33,7 +53,7 @@ def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
 
     from flux_ir.capture import GenerationOptions, run_capture
     from flux_ir.capture.copy import AsyncCopier
-    from flux_ir.models.loading import place_pipeline
+    from flux_ir.models.loading import GroupOffload, place_pipeline
 
     t0 = time.perf_counter()
     pipe, spec = pipeline("flux-schnell", smoke)
@@ -42,26 +62,17 @@ def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
         pipe.to("cpu")
         if not smoke:
             torch.cuda.empty_cache()
-        place_pipeline(pipe, dev, mode)
+        group = GroupOffload(**VARIANTS[mode]) if mode in VARIANTS else None
+        place_pipeline(pipe, dev, "group" if group else mode, group)
     setup_s = time.perf_counter() - t0
     opts = GenerationOptions(
         "a photo of a cat", size, size, steps, seed=0, max_sequence_length=32 if smoke else 256
     )
-    run_capture(pipe, GenerationOptions(**{**opts.to_dict(), "num_steps": 1}), copier=AsyncCopier())
-    with torch.inference_mode():
-        sync()
-        t0 = time.perf_counter()
-        pipe(
-            prompt=opts.prompt,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            max_sequence_length=opts.max_sequence_length,
-            guidance_scale=0.0,
-            generator=torch.Generator("cpu").manual_seed(0),
-        )
-        sync()
-        plain_s = time.perf_counter() - t0
+    phases = {}
+    if mode != "sequential":
+        warm = GenerationOptions(**{**opts.to_dict(), "num_steps": 1})
+        run_capture(pipe, warm, copier=AsyncCopier())
+        phases = timed_phases(pipe, opts)
     if not smoke:
         torch.cuda.reset_peak_memory_stats()
     copier = AsyncCopier()
@@ -82,12 +93,46 @@ def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
     res = dict(
         mode=mode,
         setup_s=setup_s,
-        plain_s=plain_s,
+        **phases,
         capture_s=capture_s,
         peak_vram_GB=torch.cuda.max_memory_allocated() / 1e9 if not smoke else None,
         peak_reserved_GB=torch.cuda.max_memory_reserved() / 1e9 if not smoke else None,
     )
     out.write_text(json.dumps(res))
+
+
+def timed_phases(pipe, opts) -> dict:
+    """Seconds of text encoding, denoising (latents out) and VAE decoding of one plain generation."""
+    dev = pipe._execution_device
+    out = {}
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        pe, pooled, _ = pipe.encode_prompt(
+            opts.prompt, device=dev, max_sequence_length=opts.max_sequence_length
+        )
+        sync()
+        out["text_s"] = time.perf_counter() - t0
+        latents = pipe(
+            prompt_embeds=pe,
+            pooled_prompt_embeds=pooled,
+            height=opts.height,
+            width=opts.width,
+            num_inference_steps=opts.num_steps,
+            guidance_scale=0.0,
+            output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images
+        sync()
+        out["denoise_s"] = time.perf_counter() - t0 - out["text_s"]
+        t1 = time.perf_counter()
+        x = pipe._unpack_latents(latents, opts.height, opts.width, pipe.vae_scale_factor)
+        x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pipe.image_processor.postprocess(pipe.vae.decode(x, return_dict=False)[0], "pil")
+        sync()
+        out["vae_s"] = time.perf_counter() - t1
+    out["plain_s"] = out["text_s"] + out["denoise_s"] + out["vae_s"]
+    return out
 
 
 def rel_diff(a: dict, b: dict) -> float:
@@ -104,10 +149,15 @@ def rel_diff(a: dict, b: dict) -> float:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument(
+        "--modes",
+        default=DEFAULT_MODES,
+        help=f"comma separated, from {', '.join(dict.fromkeys([*MODES, *VARIANTS]))}",
+    )
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--mode_timeout", type=int, default=150)
+    p.add_argument("--mode_timeout", type=int, default=150, help="seconds per mode's process")
+    p.add_argument("--sequential_timeout", type=int, default=300)
     p.add_argument("--child", default=None, help=argparse_hidden())
     p.add_argument("--child_out", default=None)
     args = p.parse_args()
@@ -116,6 +166,9 @@ def main() -> None:
         child(args.child, args.smoke, size, steps, Path(args.child_out))
         return
     modes = args.modes.split(",")
+    unknown = set(modes) - {*MODES, *VARIANTS}
+    if unknown:
+        raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {[*MODES, *VARIANTS]}")
     if args.smoke:  # accelerate's sequential offload cannot run CPU -> CPU
         modes = [m for m in modes if m != "sequential"]
     result, rows, kept = {"size": size, "steps": steps, "modes": {}}, [], {}
@@ -133,14 +186,13 @@ def main() -> None:
                 args.out,
             ]
             cmd += ["--smoke"] if args.smoke else []
+            limit = args.sequential_timeout if mode == "sequential" else args.mode_timeout
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(
-                    cmd, timeout=args.mode_timeout, capture_output=True, text=True
-                )
+                proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True)
                 err = proc.stderr[-2000:] if proc.returncode else None
             except subprocess.TimeoutExpired:
-                err = f"timed out after {args.mode_timeout} s"
+                err = f"timed out after {limit} s"
             if out.is_file():
                 res = json.loads(out.read_text())
                 kept[mode] = torch.load(out.with_suffix(".pt"), weights_only=True)
@@ -169,6 +221,9 @@ def argparse_hidden() -> str:
 COLUMNS = [
     "mode",
     "peak_vram_GB",
+    "text_s",
+    "denoise_s",
+    "vae_s",
     "plain_s",
     "capture_s",
     "capture_ratio_vs_none",

@@ -6,7 +6,8 @@
 #   ... --only bench_compile,bench_offload     # a subset (script names, comma separated)
 #
 # Order is by priority; each script gets min(its own cap, what is left of --budget seconds) and writes
-# its partial results as it goes. Logs: <out>/<script>.log; all tables: <out>/SUMMARY.md.
+# its partial results as it goes. Into <out> go three files: SUMMARY.md (all tables and the runner's
+# log), runner.log, and capture_benchmarks.tar.gz (every script's JSON, markdown and log).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -27,8 +28,10 @@ export PYTHONPATH="${PYTHONPATH:-.}"
 mkdir -p "$OUT"
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/flux_ir_bench.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
+RES="$SCRATCH/results"
+mkdir -p "$RES" "$SCRATCH/shards"
 START=$(date +%s)
-: > "$OUT/runner.log"
+: > "$RES/runner.log"
 
 run() {
   local name=$1 cap=$2
@@ -41,16 +44,17 @@ run() {
   left=$((BUDGET - (now - START)))
   t=$((cap < left ? cap : left))
   if [ "$t" -lt 20 ]; then
-    echo "$name: skipped (time budget spent)" | tee -a "$OUT/runner.log"
+    echo "$name: skipped (time budget spent)" | tee -a "$RES/runner.log"
     return
   fi
-  timeout -k 10 "$t" "$PY" "benchmarks/$name.py" --out "$OUT" $SMOKE "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$t" "$PY" "benchmarks/$name.py" --out "$RES" $SMOKE "$@" > "$RES/$name.log" 2>&1
   rc=$?
-  echo "$name: exit $rc after $(($(date +%s) - now)) s (limit $t s)" | tee -a "$OUT/runner.log"
+  echo "$name: exit $rc after $(($(date +%s) - now)) s (limit $t s)" | tee -a "$RES/runner.log"
 }
 
 run bench_capture 150
-run bench_stream 150 --scratch "$SCRATCH"
+run bench_hook_path 60
+run bench_stream 150 --scratch "$SCRATCH/shards"
 run bench_lens 60
 run bench_offload 180 --mode_timeout 90
 run bench_compile 150
@@ -60,9 +64,11 @@ run bench_compile 150
   echo
   echo "Total $(($(date +%s) - START)) s. Per script:"
   echo
-  sed 's/^/    /' "$OUT/runner.log"
-  for f in capture_overhead stream_store offload_modes lens_throughput compile; do
-    [ -f "$OUT/$f.md" ] && { echo; sed 's/^# /## /' "$OUT/$f.md"; }
+  sed 's/^/    /' "$RES/runner.log"
+  for f in capture_overhead hook_path stream_store offload_modes lens_throughput compile; do
+    [ -f "$RES/$f.md" ] && { echo; sed 's/^# /## /' "$RES/$f.md"; }
   done
-} > "$OUT/SUMMARY.md"
+} > "$RES/SUMMARY.md"
+cp "$RES/SUMMARY.md" "$RES/runner.log" "$OUT/"
+tar -czf "$OUT/capture_benchmarks.tar.gz" -C "$SCRATCH" results
 cat "$OUT/SUMMARY.md"

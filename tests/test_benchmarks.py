@@ -24,3 +24,13 @@ def test_smoke_mode_writes_json_and_table(script, name, key, tmp_path, monkeypat
     assert key in result and result["device"]["torch"]
     assert "|" in (tmp_path / "out" / f"{name}.md").read_text()
     assert not list(scratch.iterdir())  # the shards were deleted
+
+
+def test_hook_path_smoke_reports_every_copier(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", ["bench_hook_path", "--smoke", "--out", str(tmp_path)])
+    __import__("bench_hook_path").main()
+    rows = json.loads((tmp_path / "hook_path.json").read_text())["rows"]
+    names = [r["copier"] for r in rows]
+    assert names == ["null", "sync", "async_pinned", "async_arena", "async_fresh"]
+    assert all(r["us_per_hook"] > 0 for r in rows)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flux_ir.capture import run_capture
-from flux_ir.capture.copy import AsyncCopier, PinnedPool, SyncCopier
+from flux_ir.capture.copy import AsyncCopier, ChunkSource, PinnedPool, SyncCopier, plan_runs
 
 from .conftest import small_opts
 
@@ -30,6 +30,48 @@ def test_async_copier_on_cpu_matches_sync(tiny, tiny_capture):
     assert_same_capture(cap, tiny_capture[1])
 
 
+@pytest.mark.parametrize("dest", ["pinned", "arena", "fresh"])
+def test_every_host_destination_matches_sync(tiny, tiny_capture, dest):
+    pipe, spec = tiny
+    # small chunks and a tiny pinned budget: tensors spread over many chunks, pinned and pageable
+    copier = AsyncCopier(group_bytes=4096, dest=dest, pinned_bytes=1 << 16, chunk_bytes=1 << 16)
+    _, cap = run_capture(pipe, small_opts(), model_name=spec.name, copier=copier)
+    copier.close()
+    assert_same_capture(cap, tiny_capture[1])
+
+
+def test_carved_host_tensors_own_their_storage():
+    copier = AsyncCopier(group_bytes=1 << 30)
+    outs = [copier.copy(torch.full((3, 5), float(i))) for i in range(3)]
+    copier.synchronize()
+    assert all(
+        o.untyped_storage().nbytes() == 3 * 5 * 4 for o in outs
+    )  # torch.save writes it alone
+    assert [float(o[0, 0]) for o in outs] == [0.0, 1.0, 2.0]
+
+
+def test_pinned_budget_is_returned_when_carved_tensors_are_dropped():
+    source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=5 << 19, pin=False, threads=1)
+    chunks = [source.take(1000) for _ in range(3)]
+    assert [c.pinned for c in chunks] == [True, True, False]  # 2 MiB pinned, a third is over budget
+    views = [c.array[:10] for c in chunks]
+    del chunks
+    assert source.live_pinned == 2 << 20  # views keep their chunks alive
+    del views
+    assert source.live_pinned == 0
+    assert source.take(1000).pinned
+    source.close()
+
+
+def test_copies_contiguous_in_a_chunk_drain_as_one_run():
+    source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=0, pin=False, threads=1)
+    a, b = source.take(1 << 20), source.take(1 << 20)
+    items = [(None, None, a, 0, 300), (None, None, a, 512, 100), (None, None, b, 0, 8)]
+    runs = plan_runs(items)
+    assert [(len(r[0]), r[1], r[2], r[3]) for r in runs] == [(2, 0, 612, 0), (1, 0, 8, 768)]
+    source.close()
+
+
 def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
     copier = AsyncCopier(group_bytes=1 << 30)
     src = torch.arange(6.0).view(2, 3)
@@ -40,10 +82,17 @@ def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
 
 
 @cuda
-def test_async_copier_on_cuda_matches_sync():
+@pytest.mark.parametrize("dest", ["pinned", "arena", "fresh"])
+def test_async_copier_on_cuda_matches_sync(dest):
     torch.manual_seed(0)
     xs = [torch.randn(2, 300 + i, 64, device="cuda", dtype=torch.bfloat16) for i in range(40)]
-    copier = AsyncCopier(group_bytes=200_000, pool_bytes=1 << 20)  # forces slab reuse
+    copier = AsyncCopier(  # forces slab reuse, several chunks, pinned then pageable
+        group_bytes=200_000,
+        pool_bytes=1 << 20,
+        dest=dest,
+        pinned_bytes=1 << 20,
+        chunk_bytes=1 << 19,
+    )
     outs = [copier.copy(x) for x in xs]
     copier.synchronize()
     sync = SyncCopier()

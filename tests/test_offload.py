@@ -8,7 +8,7 @@ from flux_ir.capture import run_capture
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens import LensHead
 from flux_ir.models import load_pipeline
-from flux_ir.models.loading import normalize_offload
+from flux_ir.models.loading import GroupOffload, normalize_offload, place_pipeline
 
 from .conftest import small_opts
 from .test_fast_capture import assert_same_capture
@@ -17,6 +17,27 @@ from .test_fast_capture import assert_same_capture
 def test_group_offload_records_the_same_tensors(tiny_capture):
     pipe, spec = load_pipeline("flux-tiny", device="cpu", offload="group")
     assert getattr(pipe.transformer, "_diffusers_hook", None) is not None
+    _, cap = run_capture(pipe, small_opts(), model_name=spec.name)
+    assert_same_capture(cap, tiny_capture[1])
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    return any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules())
+
+
+def test_group_offload_keeps_resident_components_whole_and_hook_free():
+    pipe, _ = load_pipeline("flux-tiny", device="cpu", offload="group")
+    for name in GroupOffload().resident:
+        assert not hooked(getattr(pipe, name)), name
+    for name in ("transformer", "text_encoder_2"):
+        assert hooked(getattr(pipe, name)), name
+
+
+def test_group_offload_variant_records_the_same_tensors(tiny_capture):
+    pipe, spec = load_pipeline("flux-tiny", device="cpu")
+    variant = GroupOffload(resident=(), num_blocks_per_group=2, text_encoder_2_level="leaf_level")
+    place_pipeline(pipe, "cpu", "group", variant)
+    assert hooked(pipe.vae)  # nothing resident
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name)
     assert_same_capture(cap, tiny_capture[1])
 

@@ -1,28 +1,50 @@
 """How block outputs reach host memory.
 
 A copier's `copy(t)` returns a host tensor that is valid after `synchronize()` (or after a `fence()`
-taken later has fired). `flush()` hands what was queued so far to the device's copy engine.
+taken later is set). `flush()` hands what was queued so far to the device's copy engine.
 
-`SyncCopier` copies at once, blocking. `AsyncCopier` keeps the hook cheap: `copy` only records the
-source tensor and returns an empty host tensor; every `group_bytes` of sources (or at `flush()`) it
-issues all queued device→host copies on a side CUDA stream into one reused pinned slab, records one
-event, and a background thread waits for that event and moves the slab into the returned host tensors.
-The source tensors stay referenced (so the caching allocator cannot reuse their memory) until their
-copy has completed; no `record_stream` and no host synchronisation happen in the hook. When every slab
-of the pinned pool is in flight, `flush()` waits for the oldest one (backpressure). On the CPU the
-same queueing runs with plain copies, so a CPU test checks the bookkeeping against `SyncCopier`.
+`SyncCopier` copies at once, blocking. `AsyncCopier` keeps the hook cheap: `copy` records the source
+tensor and returns its host tensor at once (carved from large pre-allocated chunks); every
+`group_bytes` of sources (or at `flush()`) it issues the queued device→host copies on a side CUDA
+stream and records one event; background threads wait for the events. Where the host tensors live
+(`dest`):
+
+- `"pinned"`: in page-locked chunks, while their live total stays within `pinned_bytes`: the device
+  copies straight into the returned tensors, nothing is copied on the host. Beyond the budget, as
+  `"arena"`.
+- `"arena"`: in pageable chunks that background threads allocate and pre-fault ahead of use
+  (transparent huge pages where the kernel offers them). The device copies into a reused pinned slab;
+  a drain thread moves each slab into the chunk with one memcpy per contiguous run.
+- `"fresh"`: a new pageable tensor per copy, drained tensor by tensor (first-touch page faults in the
+  drain: the slowest; kept for comparison).
+
+Every host tensor owns its own storage (`torch.save` writes it alone); a chunk's memory is freed (or
+returned to the pinned budget) when the last tensor carved from it is dropped, so a streaming sink
+keeps host memory bounded. The sources stay referenced (the caching allocator cannot reuse their
+memory) until their copy has completed; no `record_stream` and no host synchronisation happen in the
+hook. At most `pool_bytes // group_bytes` groups are in flight (backpressure). On the CPU the same
+queueing and chunk bookkeeping run with plain copies, so a CPU test checks them against `SyncCopier`.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import queue
 import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+import numpy as np
 import torch
 
-ALIGN = 256  # byte alignment of tensors inside a pinned slab
+ALIGN = 256  # byte alignment of tensors inside slabs and chunks
 SLAB_ROUND = 32 << 20
+DESTS = ("pinned", "arena", "fresh")
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+PAGE = 4096
+FIRST_CHUNK = 4 << 20
 
 
 class HostCopier(Protocol):
@@ -89,13 +111,153 @@ class PinnedPool:
             self.cond.notify_all()
 
 
+# -- host chunks -----------------------------------------------------------------------------------
+class Chunk:
+    """`size` bytes of host memory (`array`, uint8) carved front to back; `pinned`: page-locked."""
+
+    __slots__ = ("array", "size", "used", "pinned")
+
+    def __init__(self, array: np.ndarray, pinned: bool):
+        self.array, self.size, self.used, self.pinned = array, array.shape[0], 0, pinned
+
+
+def pageable_array(nbytes: int, prefault: bool = True) -> np.ndarray:
+    """Anonymous private memory, huge pages advised, every page faulted in now (not at first copy).
+
+    The memory is unmapped when the array and every slice of it are gone.
+    """
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    array = np.frombuffer(m, dtype=np.uint8)
+    if prefault:
+        try:
+            m.madvise(MADV_POPULATE_WRITE)
+        except (OSError, ValueError):  # older kernel: touch one byte per page
+            array[::PAGE] = 0
+    return array
+
+
+def pinned_array(nbytes: int, pin: bool) -> np.ndarray:
+    """Page-locked memory (torch's caching host allocator) seen as a numpy array (which keeps it)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).numpy()
+
+
+class ChunkSource:
+    """Hands out chunks of `chunk_bytes`, prepared `ahead` at a time by `threads` background threads.
+
+    Pinned chunks are handed out while the live pinned total stays within `pinned_bytes` (a chunk
+    counts until the last tensor carved from it is dropped); then pageable ones.
+    """
+
+    def __init__(
+        self, chunk_bytes: int, pinned_bytes: int, pin: bool, threads: int = 2, ahead: int = 2
+    ):
+        self.chunk_bytes, self.pinned_bytes, self.pin, self.ahead = (
+            chunk_bytes,
+            pinned_bytes,
+            pin,
+            ahead,
+        )
+        self.live_pinned = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flux-ir-chunks")
+        self._ready: dict[bool, list[tuple[int, Future]]] = {True: [], False: []}
+        self._size = min(FIRST_CHUNK, chunk_bytes)
+
+    def take(self, nbytes: int) -> Chunk:
+        """A chunk of at least `nbytes` (a dedicated one when larger than the next prepared one)."""
+        need = -(-nbytes // ALIGN) * ALIGN
+        pinned = self.live_pinned + max(need, self._size) <= self.pinned_bytes
+        ready = self._ready[pinned]
+        while len(ready) < self.ahead:
+            ready.append(self._submit(pinned))
+        if need > ready[0][0]:
+            return self._wrap(self._make(pinned, need), pinned)
+        _, future = ready.pop(0)
+        ready.append(self._submit(pinned))
+        return self._wrap(future.result(), pinned)
+
+    def _submit(self, pinned: bool) -> tuple[int, Future]:
+        """Prepare the next chunk in the background; sizes double from 4 MiB up to `chunk_bytes`."""
+        size, self._size = self._size, min(self.chunk_bytes, 2 * self._size)
+        return size, self._pool.submit(self._make, pinned, size)
+
+    def _make(self, pinned: bool, size: int) -> np.ndarray:
+        return pinned_array(size, self.pin) if pinned else pageable_array(size)
+
+    def _wrap(self, array: np.ndarray, pinned: bool) -> Chunk:
+        if pinned:
+            with self._lock:
+                self.live_pinned += array.shape[0]
+            weakref.finalize(array, self._release_pinned, array.shape[0])
+        return Chunk(array, pinned)
+
+    def _release_pinned(self, nbytes: int) -> None:
+        with self._lock:
+            self.live_pinned -= nbytes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ready = {True: [], False: []}
+
+
+# -- completion tracking ---------------------------------------------------------------------------
+class Fence:
+    """Set once every job numbered below `upto` has completed (has `wait()` and `is_set()`)."""
+
+    def __init__(self, tracker: _Jobs, upto: int):
+        self.tracker, self.upto = tracker, upto
+
+    def is_set(self) -> bool:
+        with self.tracker.cond:
+            return self.tracker.done_below(self.upto)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self.tracker.cond:
+            return self.tracker.cond.wait_for(lambda: self.is_set(), timeout)
+
+
+class _Jobs:
+    """Numbers of issued jobs not yet completed (completion may be out of order)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.issued = 0
+        self.open: set[int] = set()
+
+    def start(self) -> int:
+        with self.cond:
+            n = self.issued
+            self.issued += 1
+            self.open.add(n)
+            return n
+
+    def finish(self, n: int) -> None:
+        with self.cond:
+            self.open.discard(n)
+            self.cond.notify_all()
+
+    def done_below(self, upto: int) -> bool:
+        return not any(n < upto for n in self.open)
+
+
 class AsyncCopier:
-    """Batched device→host copies on a side stream into reused pinned slabs (see module docstring).
+    """Batched device→host copies on a side stream, completed by background threads (module docstring).
 
     Args:
         dtype: storage dtype (cast on the device before the copy); None keeps the tensor's dtype.
         group_bytes: queued source bytes that trigger a flush (bounds the extra device memory held).
-        pool_bytes: page-locked host memory budget for slabs in flight.
+        pool_bytes: page-locked slab budget for groups in flight; also bounds the groups in flight.
+        dest: where host tensors live: "pinned" (default), "arena" or "fresh" (module docstring).
+        pinned_bytes: live page-locked capture memory allowed with `dest="pinned"` (default: 8 GiB or
+            an eighth of the host's memory, whichever is smaller).
+        chunk_bytes: size of the host chunks tensors are carved from.
+        drain_threads: threads that wait for copies and drain slabs into pageable chunks.
+        prefault_threads: threads that allocate and pre-fault chunks ahead of use.
     """
 
     def __init__(
@@ -103,27 +265,57 @@ class AsyncCopier:
         dtype: torch.dtype | None = None,
         group_bytes: int = 64 << 20,
         pool_bytes: int = 1 << 30,
+        dest: str = "pinned",
+        pinned_bytes: int | None = None,
+        chunk_bytes: int = 256 << 20,
+        drain_threads: int = 4,
+        prefault_threads: int = 2,
     ):
+        if dest not in DESTS:
+            raise ValueError(f"unknown dest {dest!r}; use one of {', '.join(DESTS)}")
         self.dtype = dtype
         self.group_bytes = group_bytes
-        self.pool = PinnedPool(pool_bytes)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dest = dest
+        self.pool = PinnedPool(pool_bytes, pin=torch.cuda.is_available())
+        budget = (
+            (default_pinned_bytes() if pinned_bytes is None else pinned_bytes)
+            if dest == "pinned"
+            else 0
+        )
+        self.chunks = ChunkSource(
+            chunk_bytes, budget, torch.cuda.is_available(), prefault_threads, ahead=2
+        )
+        self._chunk: Chunk | None = None
+        self._pending: list[tuple] = []
         self._pending_bytes = 0
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._queue: queue.Queue = queue.Queue()
+        self._inflight = threading.Semaphore(max(2, pool_bytes // group_bytes))
+        self._jobs = _Jobs()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._n_threads = max(1, drain_threads)
+        self._threads: list[threading.Thread] = []
 
     # -- hot path --------------------------------------------------------------------------------
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         if self.dtype is not None and t.dtype != self.dtype:
             t = t.to(self.dtype)
         if not t.is_contiguous():
             t = t.contiguous()
-        dest = torch.empty(t.shape, dtype=t.dtype)
-        self._pending.append((t, dest))
-        self._pending_bytes += t.numel() * t.element_size()
+        nbytes = t.nbytes
+        if self.dest == "fresh" or nbytes == 0:
+            dest, chunk, off = torch.empty(t.shape, dtype=t.dtype), None, 0
+        else:
+            chunk = self._chunk
+            if chunk is None or chunk.used + nbytes > chunk.size:
+                chunk = self._chunk = self.chunks.take(nbytes)
+            off = chunk.used
+            chunk.used = off + nbytes + (-nbytes % ALIGN)
+            dest = torch.from_numpy(chunk.array[off : off + nbytes]).view(t.dtype).view(t.shape)
+        self._pending.append((t, dest, chunk, off, nbytes))
+        self._pending_bytes += nbytes
         if self._pending_bytes >= self.group_bytes:
             self.flush()
         return dest
@@ -135,84 +327,136 @@ class AsyncCopier:
             return
         if pending[0][0].device.type != "cuda":
             with torch.inference_mode():  # host tensors made in hooks are inference tensors
-                for src, dest in pending:
+                for src, dest, *_ in pending:
                     dest.copy_(src)
             return
         self._check_error()
+        self._inflight.acquire()  # backpressure: bounded groups (and sources) in flight
+        direct = [p for p in pending if p[2] is not None and p[2].pinned]
+        staged = [p for p in pending if p[2] is None or not p[2].pinned]
+        runs, slab = plan_runs(staged), None
+        if runs:
+            slab = self.pool.acquire(runs[-1][3] + runs[-1][2] - runs[-1][1])
         device = pending[0][0].device
-        sizes = [-(-s.numel() * s.element_size() // ALIGN) * ALIGN for s, _ in pending]
-        slab = self.pool.acquire(sum(sizes))
         stream = self._stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        views = []
         with torch.cuda.stream(stream):
-            off = 0
-            for (src, dest), n in zip(pending, sizes, strict=True):
-                nb = src.numel() * src.element_size()
-                view = slab[off : off + nb].view(src.dtype).view(src.shape)
-                view.copy_(src, non_blocking=True)
-                views.append((view, dest))
-                off += n
-            event = torch.cuda.Event(blocking=True)  # the drain thread sleeps, not spins
+            for src, dest, *_ in direct:
+                dest.copy_(src, non_blocking=True)
+            for items, _, _, s0 in runs:
+                base = items[0][3]
+                for src, _, _, off, nb in items:
+                    s = s0 + off - base
+                    slab[s : s + nb].copy_(src.reshape(-1).view(torch.uint8), non_blocking=True)
+            event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps, not spins
             event.record(stream)
-        self._start_thread()
-        self._queue.put(("copy", event, slab, views, [s for s, _ in pending]))
+        # the drain needs only where each run goes; the sources are dropped once copied
+        runs = [(items[0][1], items[0][2], start, end, s0) for items, start, end, s0 in runs]
+        self._start_threads()
+        self._queue.put((self._jobs.start(), event, slab, runs, [p[0] for p in pending]))
 
     # -- completion ------------------------------------------------------------------------------
-    def fence(self) -> threading.Event:
-        """An event set once every copy issued so far has landed in its host tensor."""
+    def fence(self) -> Fence:
+        """Set once every copy issued so far has landed in its host tensor."""
         self.flush()
-        done = threading.Event()
-        if self._thread is None:
-            done.set()
-        else:
-            self._queue.put(("fence", done))
-        return done
+        return Fence(self._jobs, self._jobs.issued)
 
     def synchronize(self) -> None:
-        """Issue and wait for every queued copy; re-raises an error of the background thread."""
+        """Issue and wait for every queued copy; re-raises an error of the background threads."""
         self.fence().wait()
         self._check_error()
 
     def close(self) -> None:
         self.synchronize()
-        if self._thread is not None:
+        for _ in self._threads:
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self.chunks.close()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def _start_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name="flux-ir-copier", daemon=True)
-            self._thread.start()
+    def _start_threads(self) -> None:
+        while len(self._threads) < self._n_threads:
+            thread = threading.Thread(target=self._drain, name="flux-ir-copier", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if item[0] == "fence":
-                item[1].set()
-                continue
-            _, event, slab, views, sources = item
-            item = None
+        while (job := self._queue.get()) is not None:
+            n, event, slab, runs, sources = job
+            job = None
             try:
                 event.synchronize()
-                del sources  # the copy is done: the device memory may be reused
-                with torch.inference_mode():
-                    for view, dest in views:
-                        dest.copy_(view)
+                del sources  # the copies are done: the device memory may be reused
+                if runs:
+                    self._drain_runs(runs, slab)
             except BaseException as err:  # surfaced by synchronize()
                 self._error = err
             finally:
-                self.pool.release(slab)
+                if slab is not None:
+                    self.pool.release(slab)
+                slab = runs = None
+                self._inflight.release()
+                self._jobs.finish(n)
+
+    def _drain_runs(self, runs: list[tuple], slab: torch.Tensor) -> None:
+        drain_runs(runs, slab)
 
     def _check_error(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"asynchronous capture copy failed: {err}") from err
+
+
+def plan_runs(items: list[tuple]) -> list[tuple[list[tuple], int, int, int]]:
+    """Group queued copies into runs contiguous in their host chunk: `(items, start, end, slab_at)`.
+
+    A run's bytes sit in the slab with the same relative offsets as in the chunk, so draining it is
+    one memcpy. Items without a chunk (`dest="fresh"`) are runs of their own.
+    """
+    runs: list[tuple[list[tuple], int, int, int]] = []
+    at = 0
+    for item in items:
+        _, _, chunk, off, nb = item
+        end = off + nb
+        if runs and chunk is not None and runs[-1][0][-1][2] is chunk:
+            prev = runs[-1]
+            last = prev[0][-1]
+            if off == last[3] + last[4] + (-last[4] % ALIGN):
+                prev[0].append(item)
+                at += end - prev[2]
+                runs[-1] = (prev[0], prev[1], end, prev[3])
+                continue
+        at += -at % ALIGN
+        runs.append(([item], off, end, at))
+        at += nb
+    return runs
+
+
+def drain_runs(runs: list[tuple], slab: torch.Tensor) -> None:
+    """Copy each run `(dest, chunk, start, end, slab_at)` from the slab into its chunk (or, without a
+    chunk, into its fresh tensor `dest`)."""
+    with torch.inference_mode():
+        for dest, chunk, start, end, s0 in runs:
+            if chunk is None:
+                target = dest.reshape(-1).view(torch.uint8)
+            else:
+                target = torch.from_numpy(chunk.array[start:end])
+            target.copy_(slab[s0 : s0 + end - start])
+
+
+def default_pinned_bytes() -> int:
+    """8 GiB, or an eighth of the host's physical memory when that is less."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return min(8 << 30, total // 8)
 
 
 def make_copier(kind: str, dtype: torch.dtype | None = None) -> HostCopier:

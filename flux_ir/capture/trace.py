@@ -159,28 +159,41 @@ class BlockTrace:
         self._current.temb.append(self.copier.copy(output))
 
     def _block_hook(self, kind: str, index: int):
+        """The hook of one block, specialised once for the selection (the hot path does no parsing)."""
         sel = self.selection
-        full, want_img, want_txt = sel.full, sel.streams != "txt", sel.streams != "img"
+        want_img, want_txt = sel.streams != "txt", sel.streams != "img"
         dtype = sel.torch_dtype
         copy = self.copier.copy
+        if dtype is not None:
+            plain_copy = copy
 
-        def put(t: torch.Tensor) -> torch.Tensor:
-            return copy(t if dtype is None or t.dtype == dtype else t.to(dtype))
+            def copy(t: torch.Tensor) -> torch.Tensor:
+                return plain_copy(t if t.dtype == dtype else t.to(dtype))
+
+        key = (kind, index)
+        double = kind == "double"
+        joint = sel.full and not double
+        reduce_img = None if sel.reduce is None else sel.reduce_img
+        reduce_txt = None if sel.reduce is None else sel.reduce_txt
+        grid = self.image_grid
 
         def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
             if not self._recording_blocks:
                 return
             txt, img = output  # diffusers blocks return (encoder_hidden_states, hidden_states)
-            if full and kind == "single" and (parent := _joint_parent(txt, img)) is not None:
-                value = put(parent)  # [txt; img]: one copy of the block's own buffer, no cat
+            if joint and (parent := _joint_parent(txt, img)) is not None:
+                value = copy(parent)  # [txt; img]: one copy of the block's own buffer, no cat
             else:
-                i = put(sel.reduce_img(img, self.image_grid)) if want_img else None
-                t = put(sel.reduce_txt(txt)) if want_txt else None
-                value = (i, t) if kind == "double" else (t, i)
+                i = t = None
+                if want_img:
+                    i = copy(img if reduce_img is None else reduce_img(img, grid))
+                if want_txt:
+                    t = copy(txt if reduce_txt is None else reduce_txt(txt))
+                value = (i, t) if double else (t, i)
             if self.sink is not None:
-                self._items[(kind, index)] = value
+                self._items[key] = value
             else:
-                store = self._current.double if kind == "double" else self._current.single
+                store = self._current.double if double else self._current.single
                 store.setdefault(index, []).append(value)
 
         return hook
@@ -191,16 +204,18 @@ def _joint_parent(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor | None:
 
     (Views made under inference mode do not keep `_base`, so adjacency is checked on the storage.)
     """
-    if txt.dim() != 3 or img.dim() != 3 or txt.stride() != img.stride():
-        return None
-    b, n_txt, d = txt.shape
-    n_all = n_txt + img.shape[1]
+    b, n_txt, d = txt.shape if txt.dim() == 3 else (0, 0, 0)
     size = txt.element_size()
+    # most selective test first: img starts where txt ends
+    if not b or img.data_ptr() != txt.data_ptr() + n_txt * d * size:
+        return None
+    n_all = n_txt + img.shape[1]
     if (
-        txt.stride() != (n_all * d, d, 1)
+        img.dim() != 3
+        or txt.stride() != (n_all * d, d, 1)
+        or img.stride() != txt.stride()
         or img.shape[0] != b
         or img.shape[2] != d
-        or img.data_ptr() != txt.data_ptr() + n_txt * d * size
         # the joint view must stay inside txt's allocation (then img lies inside it too)
         or txt.untyped_storage().nbytes() < (txt.storage_offset() + b * n_all * d) * size
     ):
