@@ -26,6 +26,11 @@ def test_smoke_benchmark_writes_json_and_table(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "bench_sweep_batch_smoke.json").read_text())
     assert [r["batch_size"] for r in result["rows"]] == [1, 2]
     assert all(r["images_per_s"] > 0 and r["bound_images_per_s"] > 0 for r in result["rows"])
+    for row in result["rows"]:  # the breakdown accounts for the whole sweep
+        shares = row["breakdown"]
+        assert set(shares) == {"transformer", "vae_decode", "text_encoding", "writing", "other"}
+        assert abs(sum(shares.values()) - 1.0) < 1e-9 and shares["transformer"] > 0
+        assert row["bound_with_vae_images_per_s"] < row["bound_images_per_s"]
     table = (tmp_path / "bench_sweep_batch_smoke.md").read_text()
-    assert "| 2 |" in table and "sweep / bound" in table
+    assert "| 2 |" in table and "sweep / bound" in table and "VAE decode" in table
     sys.modules.pop("bench_sweep", None)
