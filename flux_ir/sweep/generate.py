@@ -39,7 +39,8 @@ import flux_ir
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens.decode import decode_packed, decode_packed_uint8
 from flux_ir.sweep.config import SweepConfig
-from flux_ir.sweep.grid import GridPoint, grid_latents
+from flux_ir.sweep.grid import GridPoint
+from flux_ir.sweep.paths import sweep_latents
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
 from flux_ir.sweep.writer import BackgroundWriter
@@ -318,7 +319,7 @@ def _generate(
     with bar, encoders, writer:
         for lo in range(0, len(points), batch_size):
             batch = points[lo : lo + batch_size]
-            z, before, after = grid_latents(vertices, cfg.grid, batch)
+            z, before, after = sweep_latents(vertices, cfg.grid, batch)
             keep = phase_pool if phase_images is None else 1  # decoding needs the full x0
             pixels, x0 = generate_batch(pipe, cfg, cond, z, keep)
             thumbs = None
@@ -377,7 +378,7 @@ def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, flo
     norms: dict[int, tuple[float, float]] = {}
     for lo in range(0, len(points), chunk):
         part = points[lo : lo + chunk]
-        _, before, after = grid_latents(vertices, cfg.grid, part)
+        _, before, after = sweep_latents(vertices, cfg.grid, part)
         norms.update({p.index: (float(b), float(a)) for p, b, a in zip(part, before, after)})
     return norms
 
