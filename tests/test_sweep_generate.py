@@ -232,3 +232,14 @@ def test_sweep_images_are_exactly_the_pipelines_own_output(tiny, swept):
         assert np.array_equal(
             np.asarray(Image.open(swept / "images" / point.file)), np.asarray(image)
         )
+
+
+def test_the_text_encoders_run_once_per_sweep(tiny, tmp_path, monkeypatch):
+    pipe = tiny[0]
+    encoded = []
+    real = pipe.text_encoder_2.forward
+    monkeypatch.setattr(
+        pipe.text_encoder_2, "forward", lambda *a, **k: encoded.append(1) or real(*a, **k)
+    )
+    run_sweep(pipe, small_cfg(), tmp_path, batch_size=2, progress=False)  # three batches
+    assert len(encoded) == 1
