@@ -41,7 +41,7 @@ fi
 mkdir -p "$OUT"
 START=$(date +%s)
 timeout -k 10 "$LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-  benchmarks/bench_sweep.py --scaling --out "$OUT" $SMOKE "${EXTRA[@]}" \
+  benchmarks/bench_sweep.py --scaling --out "$OUT" $SMOKE ${EXTRA[@]+"${EXTRA[@]}"} \
   > "$OUT/bench_sweep_scaling.log" 2>&1
 rc=$?
 echo "bench_sweep --scaling on $NPROC processes: exit $rc after $(($(date +%s) - START)) s (limit $LIMIT s)" \
