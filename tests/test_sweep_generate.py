@@ -213,3 +213,33 @@ def test_the_last_decoded_phase_is_the_final_image(tiny, tmp_path):
         first = np.asarray(Image.open(tmp_path / "phases" / f"{name}_s00.png")).astype(int)
         assert np.abs(last - final).max() <= 1  # x0 at the last step is the final latent
         assert np.abs(first - final).max() > 8  # while the first step's estimate is not
+
+
+def test_sweep_images_are_exactly_the_pipelines_own_output(tiny, swept):
+    pipe, cfg = tiny[0], small_cfg()
+    points = cfg.grid.points()[:4]  # the fixture's first batch
+    z, _, _ = grid_latents(vertex_latents(cfg.seeds, SIZE, SIZE), cfg.grid, points)
+    own = pipe(
+        **encode_conditioning(pipe, cfg).repeat(4),
+        latents=pack(z),
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        output_type="pil",
+    ).images
+    for point, image in zip(points, own):
+        assert np.array_equal(
+            np.asarray(Image.open(swept / "images" / point.file)), np.asarray(image)
+        )
+
+
+def test_the_text_encoders_run_once_per_sweep(tiny, tmp_path, monkeypatch):
+    pipe = tiny[0]
+    encoded = []
+    real = pipe.text_encoder_2.forward
+    monkeypatch.setattr(
+        pipe.text_encoder_2, "forward", lambda *a, **k: encoded.append(1) or real(*a, **k)
+    )
+    run_sweep(pipe, small_cfg(), tmp_path, batch_size=2, progress=False)  # three batches
+    assert len(encoded) == 1

@@ -7,7 +7,7 @@ from flux_ir.cli.capture import check_device
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.models import load_pipeline, resolve_model
 from flux_ir.models.loading import check_weights, default_dtype, normalize_offload
-from flux_ir.sweep.config import DEFAULT_SEEDS, PRESETS, SweepConfig
+from flux_ir.sweep.config import PRESETS, SweepConfig
 from flux_ir.sweep.generate import check_run_args
 from flux_ir.sweep.grid import GridSpec
 from flux_ir.sweep.shard import Distributed
@@ -25,13 +25,15 @@ def sweep(
     height: int = 512,
     num_steps: int | None = None,
     guidance: float | None = None,
-    seeds=DEFAULT_SEEDS,
+    seeds=None,
     vertices: str | None = None,
     alpha="0,1",
-    beta="0,1",
-    n_alpha: int = 10,
+    beta=None,
+    n_alpha: int | None = None,
     n_beta: int | None = None,
     normalisation: str = "annulus",
+    path: str | None = None,
+    points: int | None = None,
     batch_size: int = 8,
     phases: bool = False,
     phase_pool: int = 4,
@@ -41,7 +43,8 @@ def sweep(
     weights: str = "pretrained",
     progress: bool = True,
 ) -> None:
-    """Generate an n_alpha x n_beta latent grid z0 + a(z1 - z0) + b(z2 - z0) into --output_dir.
+    """Generate an n_alpha x n_beta latent grid z0 + a(z1 - z0) + b(z2 - z0) into --output_dir, or
+    with --path lerp|slerp --points N a 1-D path of N latents from z0 to z1.
 
     Re-running the same command resumes (finished points are skipped); a different sweep in the same
     directory is refused. Launch with `torchrun --nproc_per_node N` to shard the points over N GPUs.
@@ -54,11 +57,17 @@ def sweep(
             negative prompt is given (overrides the preset's values).
         width, height: pixels, multiples of 16.
         num_steps, guidance: sampling (model defaults; guidance is ignored by schnell).
-        seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200).
-        vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8].
-        alpha, beta: intervals "start,end"; zoom with sub-intervals, extend with e.g. -10,10.
-        n_alpha, n_beta: points along each axis (n_beta defaults to n_alpha).
+        seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200); two for a path
+            (default 0,123).
+        vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8]
+            ([2, 16, H/8, W/8] for a path).
+        alpha, beta: intervals "start,end"; zoom with sub-intervals, extend with e.g. -10,10. For a
+            path, --alpha is the interval of t (default 0,1: z0 to z1) and --beta is not used.
+        n_alpha, n_beta: points along each axis (default 10; n_beta defaults to n_alpha).
         normalisation: annulus (norm sqrt(d)), std (z / z.std()), vertex (mean vertex norm), none.
+        path: lerp (straight line, then normalised) or slerp (great-circle arc, norms interpolated
+            linearly, then normalised) between z0 and z1, instead of a grid.
+        points: points on the path (default 10, at least 2); images a000_b000.png, a001_b000.png, ...
         batch_size: images per pipeline call.
         phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
         phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).
@@ -81,6 +90,7 @@ def sweep(
     ):
         if value is not None:
             base[key] = value
+    grid = grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points)
     device = check_device(dist.device(device))
     offload_mode = normalize_offload(offload)
     check_weights(weights)
@@ -95,13 +105,7 @@ def sweep(
         max_sequence_length=spec.max_sequence_length,
         seeds=seeds,
         vertices=vertices,
-        grid=GridSpec(
-            alpha=alpha,
-            beta=beta,
-            n_alpha=n_alpha,
-            n_beta=n_alpha if n_beta is None else n_beta,
-            normalisation=normalisation,
-        ),
+        grid=grid,
         dtype=pipe_dtype,
     )
     check_run_args(batch_size, phase_pool if phases else None, cfg)
@@ -147,6 +151,33 @@ def sweep(
             print(f"sweep directory: {result.store.root}")
     finally:
         dist.close()
+
+
+def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points) -> GridSpec:
+    """The grid (or, with `path`, the 1-D path) of the command line; conflicting flags are refused."""
+    if path is None:
+        if points is not None:
+            raise InvalidArgumentError(
+                "--points needs --path lerp|slerp; a grid takes --n_alpha and --n_beta"
+            )
+        n_alpha = 10 if n_alpha is None else n_alpha
+        return GridSpec(
+            alpha=alpha,
+            beta="0,1" if beta is None else beta,
+            n_alpha=n_alpha,
+            n_beta=n_alpha if n_beta is None else n_beta,
+            normalisation=normalisation,
+        )
+    if n_alpha is not None or n_beta is not None:
+        raise InvalidArgumentError(
+            f"a path takes --points N, not --n_alpha/--n_beta (e.g. --path {path} --points 10)"
+        )
+    if beta is not None:
+        raise InvalidArgumentError("a path has no beta axis; --alpha sets the interval of t")
+    n = 10 if points is None else points
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise InvalidArgumentError(f"--points must be an integer >= 2, got {points!r}")
+    return GridSpec(alpha=alpha, n_alpha=n, n_beta=1, normalisation=normalisation, path=path)
 
 
 def analyze(

@@ -11,7 +11,7 @@ from flux_ir.sweep.grid import (
     normalise,
     vertex_latents,
 )
-from flux_ir.sweep.paths import lerp_path, slerp_path
+from flux_ir.sweep.paths import lerp_path, path_latents, slerp_path, sweep_latents
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
 
@@ -28,7 +28,9 @@ __all__ = [
     "grid_latents",
     "lerp_path",
     "normalise",
+    "path_latents",
     "run_sweep",
     "slerp_path",
+    "sweep_latents",
     "vertex_latents",
 ]

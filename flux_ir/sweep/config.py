@@ -39,7 +39,7 @@ class SweepConfig:
     num_steps: int = 4
     guidance: float | None = None
     max_sequence_length: int = 256
-    seeds: tuple[int, int, int] = DEFAULT_SEEDS
+    seeds: tuple[int, ...] | None = None  # default 0,123,200 (a path: 0,123)
     grid: GridSpec = field(default_factory=GridSpec)
     vertices: str | None = None  # a file of vertex latents, used instead of `seeds`
     vertices_sha256: str | None = (
@@ -63,22 +63,23 @@ class SweepConfig:
             raise InvalidArgumentError(
                 f"--true_cfg_scale must be >= 1 (1 disables it), got {self.true_cfg_scale}"
             )
-        seeds = (
-            tuple(self.seeds) if not isinstance(self.seeds, str) else tuple(self.seeds.split(","))
-        )
+        n = self.grid.n_vertices
+        what = "three integers (one per vertex z0, z1, z2)" if n == 3 else "two integers (z0, z1)"
+        seeds = DEFAULT_SEEDS[:n] if self.seeds is None else self.seeds
+        seeds = tuple(seeds) if not isinstance(seeds, str) else tuple(seeds.split(","))
         try:
             seeds = tuple(int(s) for s in seeds)
         except (TypeError, ValueError) as err:
+            example = ",".join(map(str, DEFAULT_SEEDS[:n]))
             raise InvalidArgumentError(
-                f"--seeds must be three integers such as 0,123,200, got {self.seeds!r}"
+                f"--seeds must be {what} such as {example}, got {self.seeds!r}"
             ) from err
-        if len(seeds) != 3:
-            raise InvalidArgumentError(
-                f"--seeds must be three integers (one per vertex z0, z1, z2), got {self.seeds!r}"
-            )
+        if len(seeds) != n:
+            kind = f"a {self.grid.path} path" if self.grid.path else "a grid"
+            raise InvalidArgumentError(f"--seeds must be {what} for {kind}, got {self.seeds!r}")
         object.__setattr__(self, "seeds", seeds)
-        if self.vertices is not None:
-            load_vertices(self.vertices, self.height, self.width)  # exists, readable, right shape
+        if self.vertices is not None:  # exists, readable, right shape
+            load_vertices(self.vertices, self.height, self.width, n)
             object.__setattr__(self, "vertices_sha256", file_sha256(self.vertices))
         object.__setattr__(self, "true_cfg_scale", float(self.true_cfg_scale))
 
@@ -95,9 +96,9 @@ class SweepConfig:
         return self.true_cfg_scale > 1.0 and self.negative_prompt is not None
 
     def vertex_latents(self):
-        """[3, 16, H/8, W/8] float32: from `vertices` if given, else from `seeds`."""
+        """[3, 16, H/8, W/8] float32 ([2, ...] for a path): from `vertices` if given, else `seeds`."""
         if self.vertices is not None:
-            return load_vertices(self.vertices, self.height, self.width)
+            return load_vertices(self.vertices, self.height, self.width, self.grid.n_vertices)
         return vertex_latents(self.seeds, self.height, self.width)
 
     def signature(self) -> dict:

@@ -10,15 +10,21 @@ embeddings repeated to its size and the grid latents, packed with `FluxPipeline.
 `latents=`. The sampler is deterministic (flow-matching Euler; no noise is drawn once latents are
 given), so a point's image depends only on its latent, not on the batch or process that made it.
 With `phases=True` the x0 estimate of every step is kept per point (see `X0Recorder`).
+
+Per batch the main thread only launches work on the device: the pipeline returns latents, the VAE
+decodes them and the pixels are converted to uint8 on the device, then copied to page-locked host
+memory without waiting (`HostPixels`). PNG encoding (GIL-free, `flux_ir.store.png`), the phase files
+and the points table are written by a `BackgroundWriter` while the device computes the next batch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import diffusers
 import numpy as np
@@ -31,11 +37,13 @@ from tqdm.auto import tqdm
 
 import flux_ir
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.lens.decode import decode_packed
+from flux_ir.lens.decode import decode_packed, decode_packed_uint8
 from flux_ir.sweep.config import SweepConfig
-from flux_ir.sweep.grid import GridPoint, grid_latents
+from flux_ir.sweep.grid import GridPoint
+from flux_ir.sweep.paths import sweep_latents
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
+from flux_ir.sweep.writer import BackgroundWriter
 
 
 @dataclass
@@ -46,19 +54,22 @@ class Conditioning:
     pooled_prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    _repeated: dict = field(default_factory=dict, repr=False)
 
     def repeat(self, batch: int) -> dict[str, torch.Tensor | None]:
-        """Pipeline keyword arguments for a batch of `batch` images."""
+        """Pipeline keyword arguments for a batch of `batch` images (made once per batch size)."""
 
         def rep(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.repeat(batch, *[1] * (x.dim() - 1))
 
-        return {
-            "prompt_embeds": rep(self.prompt_embeds),
-            "pooled_prompt_embeds": rep(self.pooled_prompt_embeds),
-            "negative_prompt_embeds": rep(self.negative_prompt_embeds),
-            "negative_pooled_prompt_embeds": rep(self.negative_pooled_prompt_embeds),
-        }
+        if batch not in self._repeated:
+            self._repeated[batch] = {
+                "prompt_embeds": rep(self.prompt_embeds),
+                "pooled_prompt_embeds": rep(self.pooled_prompt_embeds),
+                "negative_prompt_embeds": rep(self.negative_prompt_embeds),
+                "negative_pooled_prompt_embeds": rep(self.negative_pooled_prompt_embeds),
+            }
+        return dict(self._repeated[batch])
 
 
 @torch.inference_mode()
@@ -95,7 +106,8 @@ class X0Recorder:
     The Euler step is x_{k+1} = x_k + (s_{k+1} - s_k) v_k, so v_k = (x_{k+1} - x_k) / (s_{k+1} - s_k)
     and the model's clean-image estimate is x0_k = x_k - s_k v_k (exact up to the latents' dtype
     rounding; with true CFG v_k is the guided velocity). Each x0_k is average-pooled by `pool` over
-    the unpacked latent plane and moved to the CPU: `x0` is [B, steps, 16, h/pool, w/pool] float32.
+    the unpacked latent plane and kept on the device (no host sync per step); `x0` moves them to the
+    CPU: [B, steps, 16, h/pool, w/pool] float32.
     """
 
     def __init__(self, start: torch.Tensor, height: int, width: int, pool: int = 1):
@@ -105,20 +117,45 @@ class X0Recorder:
 
     def __call__(self, pipe: FluxPipeline, i: int, t, kwargs: dict) -> dict:
         x_next = kwargs["latents"]
-        sigmas = pipe.scheduler.sigmas
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigmas = pipe.scheduler.sigmas.to(x_next.device, torch.float32)
+        s, s_next = sigmas[i], sigmas[i + 1]  # 0-dim device tensors: no host sync
         x = self.prev.to(x_next.device, torch.float32)
         v = (x_next.float() - x) / (s_next - s)
         x0 = pipe._unpack_latents(x - s * v, self.height, self.width, pipe.vae_scale_factor)
         if self.pool > 1:
             x0 = F.avg_pool2d(x0, self.pool)
-        self.steps.append(x0.cpu())
+        self.steps.append(x0)
         self.prev = x_next
         return {}
 
     @property
     def x0(self) -> torch.Tensor:
-        return torch.stack(self.steps, dim=1)
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+@dataclass
+class HostPixels:
+    """Images [B, H, W, 3] uint8 on their way to the host; `numpy()` waits for the copy to finish."""
+
+    tensor: torch.Tensor  # host memory (page-locked when copied from a GPU)
+    event: torch.cuda.Event | None = None
+
+    @classmethod
+    def copy_from(cls, pixels: torch.Tensor) -> HostPixels:
+        """Start copying device pixels to the host; the caller does not wait for the device."""
+        if pixels.device.type != "cuda":
+            return cls(pixels.cpu())
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(pixels.device))
+        return cls(host, event)
+
+    def numpy(self) -> np.ndarray:
+        """[B, H, W, 3] uint8, once the copy is done (waiting releases the GIL)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.numpy()
 
 
 @torch.inference_mode()
@@ -128,8 +165,9 @@ def generate_batch(
     cond: Conditioning,
     z: torch.Tensor,
     phase_pool: int | None = None,
-) -> tuple[list[Image.Image], torch.Tensor | None]:
-    """Images for latents z [B, 16, h, w]; with `phase_pool`, also x0 per step [B, steps, 16, h/p, w/p]."""
+) -> tuple[HostPixels, torch.Tensor | None]:
+    """Images [B, H, W, 3] uint8 for latents z [B, 16, h, w], the same values as the pipeline's PIL
+    output, being copied to the host; with `phase_pool`, also x0 per step [B, steps, 16, h/p, w/p]."""
     packed = pack(z).to(pipe._execution_device, pipe.transformer.dtype)
     recorder = None if phase_pool is None else X0Recorder(packed, cfg.height, cfg.width, phase_pool)
     guidance = effective_guidance(pipe, cfg.guidance)
@@ -141,10 +179,11 @@ def generate_batch(
         height=cfg.height,
         num_inference_steps=cfg.num_steps,
         guidance_scale=0.0 if guidance is None else guidance,
-        output_type="pil",
+        output_type="latent",
         callback_on_step_end=recorder,
     )
-    return out.images, None if recorder is None else recorder.x0
+    pixels = decode_packed_uint8(pipe, out.images, cfg.height, cfg.width)
+    return HostPixels.copy_from(pixels), None if recorder is None else recorder.x0
 
 
 @dataclass
@@ -153,6 +192,9 @@ class SweepResult:
     generated: int  # points this process generated
     skipped: int  # points already done when the sweep started (all processes)
     seconds: float
+    timings: dict = field(
+        default_factory=dict
+    )  # this process: encode_s, write_blocked_s, write_busy_s
 
 
 def check_run_args(batch_size: int, phase_pool: int | None, cfg: SweepConfig) -> None:
@@ -220,13 +262,16 @@ def run_sweep(
     mine = dist.shard(todo)
     if phase_pool is not None:
         store.phases.mkdir(parents=True, exist_ok=True)
+    timings: dict = {}
     if mine:
-        _generate(pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress)
+        timings = _generate(
+            pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress
+        )
     dist.barrier()
     if dist.is_main:
         store.finalise(cfg, grid_norms(cfg), extra)
     dist.barrier()
-    return SweepResult(store, len(mine), skipped, time.perf_counter() - start)
+    return SweepResult(store, len(mine), skipped, time.perf_counter() - start, timings)
 
 
 def _generate(
@@ -239,22 +284,12 @@ def _generate(
     phase_images: int | None,
     dist: Distributed,
     progress: bool,
-) -> None:
+) -> dict:
+    """Generate `points` batch by batch; files are written on a background thread. Returns timings."""
     vertices = cfg.vertex_latents()
+    t0 = time.perf_counter()
     cond = encode_conditioning(pipe, cfg)
-    rows: list[dict] = []
-
-    def write(batch, images, x0, thumbs, before, after) -> None:
-        for k, (point, image) in enumerate(zip(batch, images)):
-            for step, thumb in enumerate(thumbs[k] if thumbs is not None else []):
-                store.save_phase_image(point, step, thumb)
-            if x0 is not None:
-                store.save_phases(point, x0[k].numpy())
-            store.save_image(point, image)  # last: an image marks the point done
-            rows.append(point_row(point, float(before[k]), float(after[k])))
-        store.write_points(rows, dist.rank)
-        bar.update(len(batch))
-
+    encode_s = time.perf_counter() - t0
     bar = tqdm(
         total=len(points),
         unit="pt",
@@ -263,24 +298,40 @@ def _generate(
         position=dist.rank,
         dynamic_ncols=True,
     )
-    # PNG encoding runs on one writer thread while the device computes the next batch; at most one
-    # batch is being written, and it is finished even when generation is interrupted.
-    pending: Future | None = None
-    with bar, ThreadPoolExecutor(max_workers=1) as writer:
+    encoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+
+    def write(batch, pixels: HostPixels, x0, thumbs, before, after) -> None:
+        images = pixels.numpy()
+
+        def save(k: int) -> None:
+            for step, thumb in enumerate(thumbs[k] if thumbs is not None else []):
+                store.save_phase_image(batch[k], step, thumb)
+            if x0 is not None:
+                store.save_phases(batch[k], x0[k].numpy())
+            store.save_image(batch[k], images[k])  # last: an image marks the point done
+
+        list(encoders.map(save, range(len(batch))))  # PNG compression runs without the GIL
+        rows = [point_row(p, float(b), float(a)) for p, b, a in zip(batch, before, after)]
+        store.append_points(rows, dist.rank)
+        bar.update(len(batch))
+
+    writer = BackgroundWriter(max_pending=2)
+    with bar, encoders, writer:
         for lo in range(0, len(points), batch_size):
             batch = points[lo : lo + batch_size]
-            z, before, after = grid_latents(vertices, cfg.grid, batch)
+            z, before, after = sweep_latents(vertices, cfg.grid, batch)
             keep = phase_pool if phase_images is None else 1  # decoding needs the full x0
-            images, x0 = generate_batch(pipe, cfg, cond, z, keep)
+            pixels, x0 = generate_batch(pipe, cfg, cond, z, keep)
             thumbs = None
             if phase_images is not None:
                 thumbs = decode_steps(pipe, cfg, x0, phase_images)
                 x0 = pool_steps(x0, phase_pool)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write, batch, images, x0, thumbs, before, after)
-        if pending is not None:
-            pending.result()
+            writer.submit(write, batch, pixels, x0, thumbs, before, after)
+    return {
+        "encode_s": encode_s,
+        "write_blocked_s": writer.blocked_s,
+        "write_busy_s": writer.busy_s,
+    }
 
 
 def pool_steps(x0: torch.Tensor, pool: int) -> torch.Tensor:
@@ -327,7 +378,7 @@ def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, flo
     norms: dict[int, tuple[float, float]] = {}
     for lo in range(0, len(points), chunk):
         part = points[lo : lo + chunk]
-        _, before, after = grid_latents(vertices, cfg.grid, part)
+        _, before, after = sweep_latents(vertices, cfg.grid, part)
         norms.update({p.index: (float(b), float(a)) for p, b, a in zip(part, before, after)})
     return norms
 

@@ -13,6 +13,10 @@ sub-intervals; scalars far outside [0, 1] (10x, 1000x) are allowed. Every point 
 - `vertex`: scaled to the mean norm of the three vertices;
 - `none`: left as is.
 
+With `path="lerp"` or `"slerp"` the spec is a 1-D path between two vertices `z0, z1` instead: row k
+of `n_alpha` (one column) sits at t = alpha_k on the path (see `flux_ir.sweep.paths`); files, tables
+and resuming are those of an `n_alpha` x 1 grid.
+
 Latents are computed in float32 on the CPU from the vertices alone, so a point's latent does not
 depend on the batch or the process that generates it.
 """
@@ -31,6 +35,7 @@ import torch
 from flux_ir.errors import InvalidArgumentError
 
 NORMALISATIONS = ("annulus", "std", "vertex", "none")
+PATHS = ("lerp", "slerp")
 LATENT_CHANNELS = 16  # FLUX.1's VAE
 VAE_FACTOR = 8
 
@@ -52,13 +57,15 @@ class GridPoint:
 
 @dataclass(frozen=True)
 class GridSpec:
-    """An `n_alpha` x `n_beta` grid over the intervals `alpha` and `beta`, and its normalisation."""
+    """An `n_alpha` x `n_beta` grid over the intervals `alpha` and `beta`, and its normalisation;
+    with `path` ("lerp" or "slerp"), `n_alpha` points at t in `alpha` on a path from z0 to z1."""
 
     alpha: tuple[float, float] = (0.0, 1.0)
     beta: tuple[float, float] = (0.0, 1.0)
     n_alpha: int = 10
     n_beta: int = 10
     normalisation: str = "annulus"
+    path: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_interval("alpha", self.alpha))
@@ -70,6 +77,21 @@ class GridSpec:
                     f"--{name} must be a positive integer (points along that axis), got {value!r}"
                 )
         check_normalisation(self.normalisation)
+        if self.path is not None:
+            if self.path not in PATHS:
+                raise InvalidArgumentError(
+                    f"unknown path {self.path!r}; choose one of {', '.join(PATHS)}."
+                )
+            if self.n_beta != 1 or self.n_alpha < 2:
+                raise InvalidArgumentError(
+                    f"a {self.path} path is one axis of at least 2 points (--points N >= 2), "
+                    f"got {self.n_alpha} x {self.n_beta}"
+                )
+
+    @property
+    def n_vertices(self) -> int:
+        """Vertex latents the spec needs: z0, z1 for a path, z0, z1, z2 for a grid."""
+        return 2 if self.path is not None else 3
 
     def alphas(self) -> np.ndarray:
         """[n_alpha] float64, both interval ends included (a single point sits at the start)."""
@@ -96,6 +118,8 @@ class GridSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["alpha"], d["beta"] = list(self.alpha), list(self.beta)
+        if self.path is None:
+            d.pop("path")  # grids keep the signature they had before paths existed
         return d
 
 
@@ -137,9 +161,9 @@ def vertex_latents(seeds: Sequence[int], height: int, width: int) -> torch.Tenso
     )
 
 
-def load_vertices(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """Vertex latents [3, 16, H/8, W/8] float32 from a .npy file (no pickles) or a .safetensors file
-    (one tensor named `vertices`, or three named `z0`, `z1`, `z2`)."""
+def load_vertices(path: str | Path, height: int, width: int, count: int = 3) -> torch.Tensor:
+    """Vertex latents [count, 16, H/8, W/8] float32 from a .npy file (no pickles) or a .safetensors
+    file (one tensor named `vertices`, or `count` named `z0`, `z1`, ...)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidArgumentError(
@@ -155,7 +179,7 @@ def load_vertices(path: str | Path, height: int, width: int) -> torch.Tensor:
             v = (
                 tensors["vertices"]
                 if "vertices" in tensors
-                else torch.stack([tensors[k] for k in ("z0", "z1", "z2")])
+                else torch.stack([tensors[f"z{k}"] for k in range(count)])
             )
         else:
             raise InvalidArgumentError(f"--vertices {path}: use a .npy or .safetensors file")
@@ -163,7 +187,7 @@ def load_vertices(path: str | Path, height: int, width: int) -> torch.Tensor:
         if isinstance(err, InvalidArgumentError):
             raise
         raise InvalidArgumentError(f"--vertices {path} could not be read: {err}") from err
-    expected = (3, *latent_shape(height, width))
+    expected = (count, *latent_shape(height, width))
     if tuple(v.shape) != expected:
         raise InvalidArgumentError(
             f"--vertices {path} holds shape {tuple(v.shape)}; a {width}x{height} sweep needs {expected}"

@@ -2,16 +2,21 @@
 
     zs = lerp_path(z0, z1, 9)    # [9, 16, h, w]: straight line, every point rescaled to norm sqrt(d)
     zs = slerp_path(z0, z1, 9)   # [9, 16, h, w]: great-circle arc, norms interpolated linearly
+    z, before, after = path_latents(vertices, spec, points)   # a sweep's path points (GridSpec.path)
 
 Both include the end points. Latents are [C, h, w] (or any shape); computation is in float32.
+`lerp_at` / `slerp_at` take the positions t [n] themselves (t outside [0, 1] extrapolates); every
+point depends only on its own t, so a sweep's point does not depend on its batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.sweep.grid import normalise
+from flux_ir.sweep.grid import GridPoint, GridSpec, grid_latents, normalise
 
 
 def _ts(n: int) -> torch.Tensor:
@@ -24,9 +29,13 @@ def lerp_path(
     z0: torch.Tensor, z1: torch.Tensor, n: int, normalisation: str = "annulus"
 ) -> torch.Tensor:
     """[n, *z0.shape]: (1 - t) z0 + t z1 for t in linspace(0, 1, n), then `normalise`d per point."""
-    t = _ts(n).to(torch.float32).view(-1, *[1] * z0.dim())
-    z = (1 - t) * z0.float() + t * z1.float()
-    return normalise(z, normalisation)
+    return normalise(lerp_at(z0, z1, _ts(n)), normalisation)
+
+
+def lerp_at(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[n, *z0.shape] float32: (1 - t) z0 + t z1 for each t [n]."""
+    t = t.to(torch.float32).view(-1, *[1] * z0.dim())
+    return (1 - t) * z0.float() + t * z1.float()
 
 
 def slerp_path(z0: torch.Tensor, z1: torch.Tensor, n: int) -> torch.Tensor:
@@ -34,7 +43,13 @@ def slerp_path(z0: torch.Tensor, z1: torch.Tensor, n: int) -> torch.Tensor:
 
     Falls back to the renormalised straight line when z0 and z1 are (anti)parallel.
     """
-    t = _ts(n)
+    return slerp_at(z0, z1, _ts(n))
+
+
+def slerp_at(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[n, *z0.shape] float32: `slerp_path` at the positions t [n] (computed in float64)."""
+    t = t.to(torch.float64)
+    n = t.shape[0]
     a, b = z0.double().flatten(), z1.double().flatten()
     na, nb = a.norm(), b.norm()
     cos = torch.clamp(torch.dot(a / na, b / nb), -1.0, 1.0)
@@ -48,3 +63,25 @@ def slerp_path(z0: torch.Tensor, z1: torch.Tensor, n: int) -> torch.Tensor:
         direction = w0[:, None] * (a / na) + w1[:, None] * (b / nb)
     norms = (1 - t) * na + t * nb
     return (direction * norms[:, None]).float().view(n, *z0.shape)
+
+
+def path_latents(
+    vertices: torch.Tensor, spec: GridSpec, points: Sequence[GridPoint]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents [B, 16, h, w] float32 of path points (t = point.alpha between vertices [2, 16, h, w]),
+    normalised by `spec.normalisation`, and their norms [B] before and after normalising."""
+    t = torch.tensor([p.alpha for p in points], dtype=torch.float64)
+    z0, z1 = vertices[0], vertices[1]
+    z = lerp_at(z0, z1, t) if spec.path == "lerp" else slerp_at(z0, z1, t)
+    before = z.flatten(1).norm(dim=1)
+    z = normalise(z, spec.normalisation, vertices)
+    return z, before, z.flatten(1).norm(dim=1)
+
+
+def sweep_latents(
+    vertices: torch.Tensor, spec: GridSpec, points: Sequence[GridPoint]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sweep's latents: `path_latents` for a path spec, else `grid_latents`."""
+    if spec.path is not None:
+        return path_latents(vertices, spec, points)
+    return grid_latents(vertices, spec, points)

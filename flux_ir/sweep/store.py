@@ -3,8 +3,8 @@
     store = SweepStore("output/sweep")
     store.claim(cfg)                     # new directory, or the same sweep again; a different one is refused
     todo = store.pending(cfg.grid.points())
-    store.save_image(point, image)       # atomic: a PNG that exists is complete
-    store.write_points(cfg, rows, rank)  # after each batch
+    store.save_image(point, pixels)      # [H, W, 3] uint8; atomic: a PNG that exists is complete
+    store.append_points(rows, rank)      # after each batch: that batch's rows
     store.finalise(cfg, extra)           # the merged points.csv and metadata.json
 
 Layout::
@@ -14,7 +14,7 @@ Layout::
     <dir>/images/a000_b000.png   one image per point (row = alpha index, col = beta index)
     <dir>/phases/a000_b000.npy   optional: per-step x0 latents of the point (float16)
     <dir>/phases/a000_b000_s00.png  optional: the decoded x0 estimate at step 0 (a thumbnail)
-    <dir>/parts/points.rankR.csv per process, rewritten after each batch, merged by finalise
+    <dir>/parts/points.rankR.csv per process, a batch's rows appended after its images, merged by finalise
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from PIL import Image
 
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.store.atomic import atomic_path, write_text
+from flux_ir.store.png import write_png
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.grid import GridPoint
 
@@ -118,11 +119,9 @@ class SweepStore:
             if not self.is_done(p) or (phases and not (self.phases / phase_file(p)).is_file())
         ]
 
-    def save_image(self, point: GridPoint, image: Image.Image) -> Path:
-        path = self.images / point.file
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        return path
+    def save_image(self, point: GridPoint, image: np.ndarray | Image.Image) -> Path:
+        """The point's image, [H, W, 3] uint8 (or a PIL image), as a PNG written atomically."""
+        return write_png(self.images / point.file, np.asarray(image))
 
     def save_phases(self, point: GridPoint, x0: np.ndarray) -> Path:
         """Per-step x0 latents of one point, [steps, C, h, w], stored as float16 .npy."""
@@ -134,23 +133,35 @@ class SweepStore:
 
     def save_phase_image(self, point: GridPoint, step: int, image: Image.Image) -> Path:
         """The decoded x0 estimate of one point at one step (a thumbnail)."""
-        path = self.phases / phase_image_file(point, step)
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        return path
+        return write_png(self.phases / phase_image_file(point, step), np.asarray(image))
 
     def load_phases(self, point: GridPoint) -> np.ndarray:
         return np.load(self.phases / phase_file(point), allow_pickle=False)
 
     # -- tables ---------------------------------------------------------------------------------
-    def write_points(self, rows: Sequence[dict], rank: int) -> Path:
-        """This process's finished points so far (rewritten after every batch)."""
-        return write_text(self.parts / f"points.rank{rank}.csv", table_csv(rows))
+    def append_points(self, rows: Sequence[dict], rank: int) -> Path:
+        """Append finished points to this process's part of the table (one write per batch; the
+        header when the file is new). A write cut short leaves at most one partial last line, which
+        `read_parts` skips; the images, not this table, say which points are done."""
+        path = self.parts / f"points.rank{rank}.csv"
+        text = table_csv(rows)
+        if path.is_file() and path.stat().st_size > 0:
+            text = text.split("\n", 1)[1]  # no second header
+            with open(path, "rb") as f:
+                f.seek(-1, io.SEEK_END)
+                if f.read(1) != b"\n":  # an earlier write was cut short: end its line first
+                    text = "\n" + text
+        with open(path, "a") as f:
+            f.write(text)
+        return path
 
     def read_parts(self) -> dict[int, dict]:
+        """Rows of every process's part, by point index (a later row wins; partial lines skipped)."""
         rows: dict[int, dict] = {}
         for part in sorted(self.parts.glob("points.rank*.csv")):
             for row in csv.DictReader(io.StringIO(part.read_text())):
+                if None in row or None in row.values() or row["done"] not in ("True", "False"):
+                    continue
                 rows[int(row["index"])] = row
         return rows
 
