@@ -340,7 +340,9 @@ class AsyncCopier:
         device = pending[0][0].device
         stream = self._stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        # host tensors carved in hooks are inference tensors; a flush may come after the
+        # generation's inference_mode has ended (BlockTrace's exit)
+        with torch.inference_mode(), torch.cuda.stream(stream):
             for src, dest, *_ in direct:
                 dest.copy_(src, non_blocking=True)
             for items, _, _, s0 in runs:
