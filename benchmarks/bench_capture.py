@@ -13,7 +13,7 @@ in the same process, on the same model, interleaved per shape; the ratio is to `
 - async_per_tensor: the earlier prototype: per tensor wait_stream + copy into a reused pinned buffer
   + record_stream, no drain to pageable memory.
 - async: flux-ir's AsyncCopier as it runs by default (`dest="pinned"`): batched side-stream copies
-  straight into page-locked host chunks (within an 8 GiB budget), one event per group, no host copy.
+  straight into page-locked host chunks (within a budget of a quarter of host memory, at most 32 GiB), one event per group, no host copy.
 - async_arena: `dest="arena"`: copies into reused pinned slabs, drained by 4 threads into pageable
   chunks pre-faulted ahead of use (huge pages advised), one memcpy per contiguous run.
   async_arena_1t: the same with one drain thread.
@@ -31,6 +31,7 @@ Python work in hooks adds to the step time one for one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import torch
@@ -179,6 +180,7 @@ def main() -> None:
         shape_key = f"{size}x{size}_b{batch}"
         res = {}
         for name, make in configs.items():
+            gc.collect()
             sync()
             t0 = time.perf_counter()
             generate(make())  # warm-up (pinned pools and chunks, allocator, autotuning)
@@ -186,6 +188,8 @@ def main() -> None:
             first_s = time.perf_counter() - t0
             times, gpu_times, cpu_times = [], [], []
             for _ in range(1 if args.smoke else args.repeats):
+                ctx = None
+                gc.collect()  # the last run's host tensors go back to the pinned budget
                 ctx = make()
                 sync()
                 t0, c0 = time.perf_counter(), time.thread_time()

@@ -63,6 +63,21 @@ def test_pinned_budget_is_returned_when_carved_tensors_are_dropped():
     source.close()
 
 
+def test_copies_beyond_the_pinned_budget_go_to_fresh_tensors_with_the_same_values():
+    copier = AsyncCopier(dest="pinned", pinned_bytes=1 << 20, chunk_bytes=1 << 20)
+    srcs = [torch.randn(64, 1024) for _ in range(6)]  # 256 KiB each: 1.5 MiB in all
+    outs = [copier.copy(s) for s in srcs]
+    copier.synchronize()
+    base = outs[0].data_ptr()
+    carved = [0 <= o.data_ptr() - base < 1 << 20 for o in outs]
+    assert (
+        carved == [True] * 4 + [False] * 2
+    )  # one 1 MiB chunk fills the budget, then fresh tensors
+    assert copier.chunks.live_pinned == 1 << 20
+    assert all(torch.equal(o, s) for o, s in zip(outs, srcs))
+    copier.close()
+
+
 def test_copies_contiguous_in_a_chunk_drain_as_one_run():
     source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=0, pin=False, threads=1)
     a, b = source.take(1 << 20), source.take(1 << 20)
