@@ -19,8 +19,8 @@ from flux_ir.models.loading import check_weights, normalize_offload
 
 def capture(
     model: str = "flux-schnell",
-    width: int = 256,
-    height: int = 256,
+    width: int | None = None,
+    height: int | None = None,
     prompt: str = "a beautiful landscape",
     seed: int | None = None,
     num_steps: int | None = None,
@@ -32,7 +32,7 @@ def capture(
     decode_target: str = "x0",
     add_sampling_metadata: bool = True,
     negative_prompt: str | None = None,
-    true_cfg_scale: float = 1.0,
+    true_cfg_scale: float | None = None,
     decode_batch_size: int = 8,
     weights: str = "pretrained",
     double_blocks: str | int | tuple = "all",
@@ -49,7 +49,7 @@ def capture(
 
     Args:
         model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, flux-toy, or a local diffusers FluxPipeline directory.
-        width, height: image size in pixels, multiples of 16.
+        width, height: image size in pixels, multiples of 16 (default 256; flux-toy: 128).
         prompt: the text prompt.
         seed: noise seed (random if omitted; recorded in the metadata).
         num_steps: denoising steps (model default: 4 for schnell/tiny, 50 for dev/krea).
@@ -61,7 +61,8 @@ def capture(
         should_decode_intermediates: decode every block with the lens and draw the mosaic.
         decode_target: "x0" (the clean-image estimate) or "next" (one Euler step, the original tool's).
         add_sampling_metadata: write the prompt into the image's EXIF metadata.
-        negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when scale > 1.
+        negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when
+            scale > 1 (model default: off, except flux-toy: 2.0 against the empty prompt).
         decode_batch_size: latents per VAE decode call.
         weights: "pretrained" or "random" (the exact architecture with random weights, no download).
         double_blocks, single_blocks: blocks to capture: "all", "none", or indices and ranges like
@@ -79,6 +80,8 @@ def capture(
     from flux_ir.runs import capture_to_dir
 
     spec = resolve_model(str(model))
+    width = spec.size if width is None else width
+    height = spec.size if height is None else height
     seed = random.randrange(2**31) if seed is None else seed
     opts = GenerationOptions(
         prompt=prompt,
@@ -87,8 +90,8 @@ def capture(
         num_steps=spec.num_steps if num_steps is None else num_steps,
         seed=seed,
         guidance=spec.guidance if guidance is None else guidance,
-        negative_prompt=negative_prompt,
-        true_cfg_scale=float(true_cfg_scale),
+        negative_prompt=spec.negative_prompt if negative_prompt is None else negative_prompt,
+        true_cfg_scale=float(spec.true_cfg_scale if true_cfg_scale is None else true_cfg_scale),
         max_sequence_length=spec.max_sequence_length,
     )
     check_target(decode_target)

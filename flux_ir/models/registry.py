@@ -20,6 +20,8 @@ class ModelSpec:
     """Where a model comes from and how it samples by default.
 
     `guidance` is None for models without a guidance embedding (FLUX.1-schnell): the value is ignored.
+    `true_cfg_scale` > 1 with a `negative_prompt` samples with true classifier-free guidance (two
+    passes per step) by default: flux-toy, trained with caption dropout, follows shapes better so.
     `source` is a hub repository id, a local directory, "builtin" for models built in code, or
     "package" for flux-toy, whose trained weights ship inside the package.
     """
@@ -30,6 +32,9 @@ class ModelSpec:
     guidance: float | None
     max_sequence_length: int
     description: str = ""
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    size: int = 256  # default width and height of the capture command (flux-toy: its training size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +80,9 @@ REGISTRY: dict[str, ModelSpec] = {
         guidance=None,
         max_sequence_length=16,
         description="small FLUX trained on shape scenes (128x128); weights from train_toy.py, offline on a CPU",
+        true_cfg_scale=2.0,
+        negative_prompt="",
+        size=128,
     ),
 }
 
