@@ -3,11 +3,15 @@
     pipe, spec = load_pipeline("flux-toy", device="cpu")
     report = measure_all(pipe, spec)          # dict of figures, each with its bar and pass flag
 
-Bars (issue "flux-toy"): VAE PSNR >= 28 dB on held-out scenes; the checker finds the asked colour in
->= 90% and the asked shape in >= 80% of 200 samples; over blocks in depth order the distance of a
-block's x0 lens decode (last step) to the final image falls (Spearman >= 0.8 on average); a 20x20
-neutral-prompt grid has >= 2 shape classes with >= 10% of the cells each and a Lipschitz field >= 2x
-higher at class boundaries than inside; one 128x128 image in <= 2 s on 2 CPU threads.
+Bars: VAE PSNR >= 28 dB on held-out scenes; the checker finds the asked colour in >= 90% and the
+asked shape in >= 80% of 200 samples; over blocks in depth order the distance of a block's x0 lens
+decode (last step) to the final image falls (Spearman >= 0.8 on average); a 20x20 neutral-prompt grid
+has >= 2 shape classes with >= 10% of the cells each and a Lipschitz field >= 2x higher at class
+boundaries than inside; one 128x128 image in <= 2 s on 2 CPU threads.
+
+Samples and the CPU timing use the model's default sampling (`ModelSpec.true_cfg_scale`: flux-toy
+samples with true CFG 2.0 against the empty prompt); the lens check runs one conditional pass per step
+(no CFG), so that the last block's decode is the image itself; the neutral-prompt grid needs no CFG.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 
+from flux_ir.analysis.lipschitz import embedding_grid, lipschitz_edges, lipschitz_field
 from flux_ir.capture import GenerationOptions, run_capture
 from flux_ir.lens.blocks import block_steps, decode_capture
 from flux_ir.models.registry import ModelSpec
+from flux_ir.sweep.generate import pack
+from flux_ir.sweep.grid import GridSpec, grid_latents, vertex_latents
 from flux_ir.toy.checker import NO_SHAPE, check_images
 from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption
 from flux_ir.toy.train import vae_psnr
@@ -51,10 +58,16 @@ def generate(
     steps: int = 16,
     latents: torch.Tensor | None = None,
     max_sequence_length: int = 16,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str | None = None,
 ) -> torch.Tensor:
     """Images [B, 3, size, size] in [0, 1], one per prompt; noise from CPU generators (or packed
-    `latents` [B, N, 64])."""
+    `latents` [B, N, 64]); true CFG against `negative_prompt` when `true_cfg_scale` > 1."""
+    cfg = {}
+    if true_cfg_scale > 1 and negative_prompt is not None:
+        cfg = dict(negative_prompt=[negative_prompt] * len(prompts), true_cfg_scale=true_cfg_scale)
     out = pipe(
+        **cfg,
         prompt=prompts,
         height=size,
         width=size,
@@ -76,8 +89,11 @@ def prompt_adherence(
     steps: int = 16,
     batch: int = 50,
     seed: int = 0,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str | None = None,
 ) -> dict:
-    """Share of `n` samples of random full captions whose asked colour / shape the checker finds."""
+    """Share of `n` samples of random full captions whose asked colour / shape the checker finds
+    (sampled with true CFG when `true_cfg_scale` > 1 and a `negative_prompt` is given)."""
     rng = random.Random(seed)
     asked = []
     for _ in range(n):
@@ -89,7 +105,11 @@ def prompt_adherence(
         chunk = asked[start : start + batch]
         prompts = [caption(SHAPES[s], COLOURS[c], COLOURS[b]) for s, c, b in chunk]
         seeds = list(range(seed * 100_000 + start, seed * 100_000 + start + len(chunk)))
-        found = check_images(generate(pipe, prompts, seeds, size=size, steps=steps))
+        images = generate(
+            pipe, prompts, seeds, size=size, steps=steps,
+            true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
+        )  # fmt: skip
+        found = check_images(images)
         want = torch.tensor(chunk)
         shape_ok += (found.shape == want[:, 0]).sum().item()
         colour_ok += (found.colour == want[:, 1]).sum().item()
@@ -142,8 +162,6 @@ def _pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype="float32") / 255.0)
 
 
-# Self-contained grid sweep for the phase bar. Replace with flux_ir.sweep / flux_ir.analysis (grid of
-# seeded latents, Lipschitz field) once those modules exist; the definitions below follow them.
 def phase_grid(
     pipe: FluxPipeline,
     grid: int = 20,
@@ -154,26 +172,19 @@ def phase_grid(
     span: tuple[float, float] = (-0.5, 1.5),
     batch: int = 50,
 ) -> dict:
-    """Neutral-prompt sweep over z = z0 + a (z1 - z0) + b (z2 - z0), renormalised to norm sqrt(d).
+    """Neutral-prompt sweep over z = z0 + a (z1 - z0) + b (z2 - z0) on a `grid` x `grid` grid, built
+    and renormalised to the Gaussian annulus by `flux_ir.sweep`, Lipschitz field by `flux_ir.analysis`
+    (4x4-pooled pixels as the embedding, finite differences over the alpha/beta spacing).
 
     Returns the class share per shape (checker classes, "none" for no shape), and the mean Lipschitz
-    estimate (pixel distance / latent distance between 4-neighbours) on boundary cells over that on
-    interior cells, where the class is the scene the checker reads (shape, colour, background);
-    `shape_only` gives the same with shape classes alone.
+    value on boundary cells over that on interior cells, where the class is the scene the checker
+    reads (shape, colour, background); `shape_only` gives the same with shape classes alone.
     """
-    h = w = size // pipe.vae_scale_factor
-    c = pipe.transformer.config.in_channels // 4
-    z = torch.stack(
-        [
-            torch.randn(c, h, w, generator=torch.Generator("cpu").manual_seed(s))
-            for s in anchor_seeds
-        ]
-    )
-    a, b = torch.meshgrid(torch.linspace(*span, grid), torch.linspace(*span, grid), indexing="ij")
-    lat = z[0] + a.reshape(-1, 1, 1, 1) * (z[1] - z[0]) + b.reshape(-1, 1, 1, 1) * (z[2] - z[0])
-    d = lat[0].numel()
-    lat = lat / lat.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) * d**0.5  # [grid², c, h, w]
-    packed = FluxPipeline._pack_latents(lat, lat.shape[0], c, h, w)
+    spec = GridSpec(alpha=span, beta=span, n_alpha=grid, n_beta=grid, normalisation="annulus")
+    points = spec.points()
+    vertices = vertex_latents(anchor_seeds, size, size)
+    z, _, _ = grid_latents(vertices, spec, points)
+    packed = pack(z)
     images = []
     for start in range(0, len(packed), batch):
         chunk = packed[start : start + batch].to(device_of(pipe), pipe.transformer.dtype)
@@ -185,17 +196,21 @@ def phase_grid(
                 size=size,
                 steps=steps,
                 latents=chunk,
-            )
+            )  # fmt: skip
         )
     images = torch.cat(images)
+    rows, cols = [p.row for p in points], [p.col for p in points]
     found = check_images(images)
-    classes = found.shape.reshape(grid, grid)
-    # the scene class: shape, colour and background as the checker reads them
-    scene = (found.shape * 100 + found.colour * 10 + found.background).reshape(grid, grid)
-    lip = lipschitz_field(
-        F.avg_pool2d(images, 4).flatten(1).reshape(grid, grid, -1),
-        lat.flatten(1).reshape(grid, grid, -1),
+    classes = torch.zeros(grid, grid, dtype=torch.long)
+    scene = torch.zeros(grid, grid, dtype=torch.long)  # shape, colour and background as read
+    classes[rows, cols] = found.shape
+    scene[rows, cols] = found.shape * 100 + found.colour * 10 + found.background
+    emb = F.avg_pool2d(images, 4).flatten(1).double().numpy()
+    d_alpha, d_beta = spec.spacing
+    field = lipschitz_field(
+        lipschitz_edges(embedding_grid(emb, rows, cols, grid, grid), d_alpha, d_beta)
     )
+    lip = torch.from_numpy(field)
     names = {NO_SHAPE: "none", **dict(enumerate(SHAPES))}
     share = {names[k]: (classes == k).float().mean().item() for k in names}
     return dict(
@@ -205,20 +220,6 @@ def phase_grid(
         shape_only=boundary_ratio(lip, classes),
         class_grid=classes.tolist(),
     )
-
-
-def lipschitz_field(emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Grid embeddings [G, G, E] and latents [G, G, D] -> [G, G]: mean over each cell's 4-neighbours
-    of |e(cell) - e(neighbour)| / |z(cell) - z(neighbour)|."""
-    g = emb.shape[0]
-    total, count = torch.zeros(g, g), torch.zeros(g, g)
-    for dy, dx in ((0, 1), (1, 0)):
-        a, b = (slice(0, g - dy), slice(0, g - dx)), (slice(dy, g), slice(dx, g))
-        ratio = (emb[a] - emb[b]).norm(dim=-1) / (z[a] - z[b]).norm(dim=-1)
-        for sl in (a, b):
-            total[sl] += ratio
-            count[sl] += 1
-    return total / count
 
 
 def boundary_ratio(lip: torch.Tensor, classes: torch.Tensor) -> dict:
@@ -240,14 +241,19 @@ def boundary_ratio(lip: torch.Tensor, classes: torch.Tensor) -> dict:
     )
 
 
-def cpu_seconds(pipe: FluxPipeline, *, size: int = 128, steps: int = 16, threads: int = 2) -> float:
-    """Seconds for one `size`² image on `threads` CPU threads (after one warm-up run)."""
+def cpu_seconds(
+    pipe: FluxPipeline, *, size: int = 128, steps: int = 16, threads: int = 2, **cfg
+) -> float:
+    """Seconds for one `size`² image on `threads` CPU threads (after one warm-up run); `cfg`:
+    `true_cfg_scale` and `negative_prompt` as for `generate`."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        generate(pipe, ["a red circle on a blue background"], [0], size=size, steps=steps)
+        generate(pipe, ["a red circle on a blue background"], [0], size=size, steps=steps, **cfg)
         t0 = time.perf_counter()
-        generate(pipe, ["a green triangle on a white background"], [1], size=size, steps=steps)
+        generate(
+            pipe, ["a green triangle on a white background"], [1], size=size, steps=steps, **cfg
+        )
         return time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
@@ -268,7 +274,9 @@ def measure_all(
     steps = spec.num_steps
     report: dict = dict(model=spec.name, size=size, steps=steps)
     report["vae_psnr_db"] = vae_psnr(pipe, 512, size, seed=12345, device=device_of(pipe))
-    report.update(prompt_adherence(pipe, samples, size=size, steps=steps, batch=batch))
+    cfg = dict(true_cfg_scale=spec.true_cfg_scale, negative_prompt=spec.negative_prompt)
+    report.update(cfg)
+    report.update(prompt_adherence(pipe, samples, size=size, steps=steps, batch=batch, **cfg))
     prompts = [
         caption(SHAPES[i % 3], COLOURS[i % 6], COLOURS[(i + 1 + i // 6) % 6])
         for i in range(lens_prompts)
@@ -276,7 +284,7 @@ def measure_all(
     report.update(lens_convergence(pipe, spec, prompts, size=size, steps=steps))
     report["phases"] = phase_grid(pipe, grid, size=size, steps=steps, batch=batch)
     if not skip_cpu:
-        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), size=128, steps=steps)
+        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), size=128, steps=steps, **cfg)
     report["passed"] = passed(report)
     return report
 
