@@ -188,7 +188,7 @@ def load_toy_pipeline(weights_dir: str | Path | None = None) -> FluxPipeline:
         missing = [f"{c}.safetensors" for c in COMPONENTS] + [CONFIG_FILE]
         raise ModelUnavailableError(
             f"flux-toy weights not found in {d} (needs {', '.join(missing)}). Train them with "
-            f"`python train_toy.py --out {d}` (one GPU, about 9 minutes), or point "
+            f"`python train_toy.py --out {d}` (one GPU, about 20 minutes), or point "
             f"${WEIGHTS_ENV} at a directory holding them; meanwhile --model flux-tiny runs offline."
         )
     config = read_toy_config(d)
