@@ -119,6 +119,7 @@ def test_decode_command_from_a_saved_capture(tmp_path):
         (["--decode_target", "eps"], "unknown decode target 'eps'"),
         (["--offload", "sideways"], "unknown offload mode 'sideways'"),
         (["--weights", "zeros"], "unknown --weights 'zeros'"),
+        (["--copy", "lazy"], "--copy 'lazy': choose one of sync, async, pinned"),
     ],
 )
 def test_bad_input_fails_before_any_model_loads(args, message, tmp_path, capsys, monkeypatch):

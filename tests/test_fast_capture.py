@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from flux_ir.capture import run_capture
-from flux_ir.capture.copy import AsyncCopier, ChunkSource, PinnedPool, SyncCopier, plan_runs
+from flux_ir.capture.copy import (
+    AsyncCopier,
+    ChunkSource,
+    PinnedPool,
+    SyncCopier,
+    make_copier,
+    plan_runs,
+)
 
 from .conftest import small_opts
 
@@ -76,6 +83,14 @@ def test_copies_beyond_the_pinned_budget_go_to_fresh_tensors_with_the_same_value
     assert copier.chunks.live_pinned == 1 << 20
     assert all(torch.equal(o, s) for o, s in zip(outs, srcs))
     copier.close()
+
+
+def test_command_line_copiers_map_to_their_host_destinations():
+    assert isinstance(make_copier("sync"), SyncCopier)
+    assert make_copier("async").dest == "fresh"  # one capture per process: no page-locking
+    assert make_copier("pinned").dest == "pinned"
+    with pytest.raises(ValueError, match="sync, async, pinned"):
+        make_copier("lazy")
 
 
 def test_copies_contiguous_in_a_chunk_drain_as_one_run():

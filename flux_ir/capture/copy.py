@@ -474,10 +474,18 @@ def default_pinned_bytes() -> int:
     return min(32 << 30, total // 4)
 
 
+COPIERS = ("sync", "async", "pinned")
+
+
 def make_copier(kind: str, dtype: torch.dtype | None = None) -> HostCopier:
-    """`"sync"` or `"async"`."""
+    """The command line's `--copy`: `"sync"` (blocking `.cpu()`), `"async"` (side-stream copies
+    drained into fresh pageable tensors: the cheapest for one capture per process, as page-locking
+    new memory costs more than the drain) or `"pinned"` (`AsyncCopier`'s default: straight into
+    page-locked chunks, the cheapest once a process has captured before)."""
     if kind == "sync":
         return SyncCopier(dtype)
     if kind == "async":
+        return AsyncCopier(dtype, dest="fresh")
+    if kind == "pinned":
         return AsyncCopier(dtype)
-    raise ValueError(f"unknown copier {kind!r}; use sync or async")
+    raise ValueError(f"unknown copier {kind!r}; use one of {', '.join(COPIERS)}")

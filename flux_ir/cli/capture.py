@@ -7,7 +7,7 @@ import random
 import torch
 
 from flux_ir.capture import GenerationOptions
-from flux_ir.capture.copy import make_copier
+from flux_ir.capture.copy import COPIERS, make_copier
 from flux_ir.capture.options import validate_output_dir
 from flux_ir.capture.select import Selection
 from flux_ir.errors import InvalidArgumentError
@@ -73,7 +73,9 @@ def capture(
         reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens), on the device.
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
-        copy: "async" (side-stream copies into pinned buffers) or "sync" (blocking `.cpu()`).
+        copy: "async" (side-stream copies, drained into ordinary host tensors), "pinned" (copies
+            straight into page-locked host memory: faster once a process has captured before) or
+            "sync" (blocking `.cpu()`).
         compile: torch.compile every block's forward (hooks stay outside the graphs); the first
             step pays the compilation.
     """
@@ -106,8 +108,8 @@ def capture(
         )
     if format not in FORMATS:
         raise InvalidArgumentError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
-    if copy not in ("sync", "async"):
-        raise InvalidArgumentError(f"--copy {copy!r}: choose sync or async")
+    if copy not in COPIERS:
+        raise InvalidArgumentError(f"--copy {copy!r}: choose one of {', '.join(COPIERS)}")
     if decode_batch_size < 1:
         raise InvalidArgumentError(f"--decode_batch_size must be >= 1, got {decode_batch_size}")
     out = validate_output_dir(output_dir)
