@@ -164,3 +164,13 @@ def test_readme_main_command(tmp_path):
     assert f"run directory: {run_dir}" in proc.stdout
     assert Image.open(run_dir / "img_0.jpg").size == (256, 256)
     assert len(list((run_dir / "intermediates" / "decoded").glob("*.jpg"))) == 6 * 4
+
+
+def test_flux_toy_captures_at_its_native_size_with_its_cfg_by_default(tmp_path):
+    args = ["capture", "--model", "flux-toy", "--prompt", "a red circle", "--seed", "1"]
+    args += ["--num_steps", "2", "--should_decode_intermediates", "False"]
+    assert main([*args, "--output_dir", str(tmp_path)]) == 0
+    (meta,) = _run_dir(tmp_path).glob("intermediates/metadata_*.json")
+    meta = json.loads(meta.read_text())
+    assert (meta["width"], meta["height"]) == (128, 128)
+    assert meta["true_cfg_scale"] == 2.0 and meta["negative_prompt"] == ""

@@ -143,3 +143,11 @@ def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
     assert main(["analyze", str(out), "--embedder", "pixel", "--phases=False"]) == 0
     field = pd.read_csv(out / "analysis" / "lipschitz_pixel32.csv")
     assert field["lipschitz"].notna().sum() == 3  # a000_b000, a000_b001, a001_b000 (one batch)
+
+
+def test_flux_toy_sweeps_at_its_native_size_by_default(tmp_path):
+    out = tmp_path / "s"
+    args = ["sweep", "--model", "flux-toy", "--prompt", "", "--n_alpha", "1", "--num_steps", "2"]
+    assert main([*args, "--output_dir", str(out), "--progress=False"]) == 0
+    sweep = json.loads((out / "metadata.json").read_text())["sweep"]
+    assert (sweep["width"], sweep["height"]) == (128, 128)

@@ -82,8 +82,8 @@ def capture(
     from flux_ir.runs import capture_to_dir
 
     spec = resolve_model(str(model))
-    width = spec.size if width is None else width
-    height = spec.size if height is None else height
+    width = (spec.size or 256) if width is None else width
+    height = (spec.size or 256) if height is None else height
     seed = random.randrange(2**31) if seed is None else seed
     opts = GenerationOptions(
         prompt=prompt,

@@ -21,8 +21,8 @@ def sweep(
     prompt: str | None = None,
     negative_prompt: str | None = None,
     true_cfg_scale: float | None = None,
-    width: int = 512,
-    height: int = 512,
+    width: int | None = None,
+    height: int | None = None,
     num_steps: int | None = None,
     guidance: float | None = None,
     seeds=None,
@@ -55,7 +55,7 @@ def sweep(
         preset: "hessian-paper": the paper's prompt, negative prompt and true CFG scale 5.
         prompt, negative_prompt, true_cfg_scale: text conditioning; true CFG when scale > 1 and a
             negative prompt is given (overrides the preset's values).
-        width, height: pixels, multiples of 16.
+        width, height: pixels, multiples of 16 (default 512; flux-toy: 128).
         num_steps, guidance: sampling (model defaults; guidance is ignored by schnell).
         seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200); two for a path
             (default 0,123).
@@ -98,8 +98,8 @@ def sweep(
     cfg = SweepConfig(
         **base,
         model=spec.name if weights == "pretrained" else f"{spec.name} (random weights)",
-        width=width,
-        height=height,
+        width=(spec.size or 512) if width is None else width,
+        height=(spec.size or 512) if height is None else height,
         num_steps=spec.num_steps if num_steps is None else num_steps,
         guidance=spec.guidance if guidance is None else guidance,
         max_sequence_length=spec.max_sequence_length,

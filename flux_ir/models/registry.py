@@ -34,7 +34,7 @@ class ModelSpec:
     description: str = ""
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
-    size: int = 256  # default width and height of the capture command (flux-toy: its training size)
+    size: int | None = None  # native width and height (flux-toy: 128); None: each command's default
 
     def to_dict(self) -> dict:
         return asdict(self)
