@@ -171,7 +171,7 @@ class ChunkSource:
     def take(self, nbytes: int) -> Chunk:
         """A chunk of at least `nbytes` (a dedicated one when larger than the next prepared one)."""
         need = -(-nbytes // ALIGN) * ALIGN
-        pinned = self.live_pinned + max(need, self._size) <= self.pinned_bytes
+        pinned = self.pinned_room(nbytes)
         ready = self._ready[pinned]
         while len(ready) < self.ahead:
             ready.append(self._submit(pinned))
