@@ -600,7 +600,7 @@ def save_checkpoint(
     modules = ("transformer", "vae", "text_encoder", "text_encoder_2")
     record = dict(
         signature=json.dumps(cfg.signature(), sort_keys=True),
-        state=json.dumps({k: v for k, v in asdict(state).items()}),
+        state=json.dumps(asdict(state)),
         vae_config=dict(
             shift_factor=float(pipe.vae.config.shift_factor),
             scaling_factor=float(pipe.vae.config.scaling_factor),
