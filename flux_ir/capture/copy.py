@@ -32,6 +32,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
@@ -149,6 +150,9 @@ def pinned_array(nbytes: int, pin: bool) -> np.ndarray:
 class ChunkSource:
     """Hands out chunks of `chunk_bytes`, prepared `ahead` at a time by `threads` background threads.
 
+    `stats`: chunks made (pinned among them), seconds spent making them (in the background threads)
+    and seconds `take` waited for them (in the caller's thread).
+
     Pinned chunks are handed out while the live pinned total stays within `pinned_bytes` (a chunk
     counts until the last tensor carved from it is dropped); then pageable ones.
     """
@@ -167,6 +171,7 @@ class ChunkSource:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flux-ir-chunks")
         self._ready: dict[bool, list[tuple[int, Future]]] = {True: [], False: []}
         self._size = min(FIRST_CHUNK, chunk_bytes)
+        self.stats = {"chunks": 0, "pinned_chunks": 0, "make_s": 0.0, "wait_s": 0.0}
 
     def take(self, nbytes: int) -> Chunk:
         """A chunk of at least `nbytes` (a dedicated one when larger than the next prepared one)."""
@@ -175,11 +180,15 @@ class ChunkSource:
         ready = self._ready[pinned]
         while len(ready) < self.ahead:
             ready.append(self._submit(pinned))
+        t0 = time.perf_counter()
         if need > ready[0][0]:
-            return self._wrap(self._make(pinned, need), pinned)
-        _, future = ready.pop(0)
-        ready.append(self._submit(pinned))
-        return self._wrap(future.result(), pinned)
+            array = self._make(pinned, need)
+        else:
+            _, future = ready.pop(0)
+            ready.append(self._submit(pinned))
+            array = future.result()
+        self.stats["wait_s"] += time.perf_counter() - t0
+        return self._wrap(array, pinned)
 
     def pinned_room(self, nbytes: int) -> bool:
         """Whether a pinned chunk for `nbytes` stays within the pinned budget."""
@@ -192,7 +201,13 @@ class ChunkSource:
         return size, self._pool.submit(self._make, pinned, size)
 
     def _make(self, pinned: bool, size: int) -> np.ndarray:
-        return pinned_array(size, self.pin) if pinned else pageable_array(size)
+        t0 = time.perf_counter()
+        array = pinned_array(size, self.pin) if pinned else pageable_array(size)
+        with self._lock:
+            self.stats["chunks"] += 1
+            self.stats["pinned_chunks"] += pinned
+            self.stats["make_s"] += time.perf_counter() - t0
+        return array
 
     def _wrap(self, array: np.ndarray, pinned: bool) -> Chunk:
         if pinned:
