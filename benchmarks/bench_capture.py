@@ -6,7 +6,9 @@
 What is measured: one generation of `--steps` denoising steps (prompt embeddings precomputed,
 output_type="latent", so text encoders and VAE are outside the timing), wall clock from launch to
 "every captured tensor is in host memory" (device synchronised, copier drained). Configurations run
-in the same process, on the same model, interleaved per shape; the ratio is to `plain` of that shape.
+in the same process, on the same model: each is warmed up once, then `--repeats` rounds run every
+configuration once in turn (a drift of the machine hits all alike); the median run of each is
+compared to `plain` of that shape.
 - plain: no hooks. noop_hooks: a Python forward hook that does nothing on every block (the hook
   dispatch cost alone: if it is large, the step is CPU launch-bound).
 - sync: blocking `.cpu()` of every block output (the original tool).
@@ -179,15 +181,20 @@ def main() -> None:
 
         shape_key = f"{size}x{size}_b{batch}"
         res = {}
-        for name, make in configs.items():
+        first = {}
+        for name, make in configs.items():  # warm-up (pinned chunks, allocator, autotuning)
             gc.collect()
             sync()
             t0 = time.perf_counter()
-            generate(make())  # warm-up (pinned pools and chunks, allocator, autotuning)
+            generate(make())
             sync()
-            first_s = time.perf_counter() - t0
-            times, gpu_times, cpu_times = [], [], []
-            for _ in range(1 if args.smoke else args.repeats):
+            first[name] = time.perf_counter() - t0
+        times = {n: [] for n in configs}
+        gpu_times = {n: [] for n in configs}
+        cpu_times = {n: [] for n in configs}
+        nbytes = {}
+        for _ in range(1 if args.smoke else args.repeats):
+            for name, make in configs.items():  # round robin: a drift hits every configuration
                 ctx = None
                 gc.collect()  # the last run's host tensors go back to the pinned budget
                 ctx = make()
@@ -195,19 +202,20 @@ def main() -> None:
                 t0, c0 = time.perf_counter(), time.thread_time()
                 ctx, t_gpu = generate(ctx)
                 sync()
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.thread_time() - c0)
-                gpu_times.append(t_gpu - t0)
-            nbytes = captured_bytes(ctx) if isinstance(ctx, BlockTrace) else 0
-            del ctx
-            med = sorted(times)[len(times) // 2]
+                times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.thread_time() - c0)
+                gpu_times[name].append(t_gpu - t0)
+                nbytes[name] = captured_bytes(ctx) if isinstance(ctx, BlockTrace) else 0
+                del ctx
+        for name in configs:
+            med = sorted(times[name])[len(times[name]) // 2]
             res[name] = {
                 "median_s": med,
-                "first_run_s": first_s,
-                "times_s": times,
-                "until_pipe_returned_s": sorted(gpu_times)[len(gpu_times) // 2],
-                "main_thread_cpu_s": sorted(cpu_times)[len(cpu_times) // 2],
-                "captured_GB_per_step": nbytes / steps / 1e9,
+                "first_run_s": first[name],
+                "times_s": times[name],
+                "until_pipe_returned_s": sorted(gpu_times[name])[len(gpu_times[name]) // 2],
+                "main_thread_cpu_s": sorted(cpu_times[name])[len(cpu_times[name]) // 2],
+                "captured_GB_per_step": nbytes[name] / steps / 1e9,
             }
             print(shape_key, name, f"{med:.3f}s", flush=True)
         base = res["plain"]["median_s"]
