@@ -10,13 +10,15 @@ steps from the prompt embeddings; vae_s: unpacking and VAE decode; plain_s is th
 capture of every block, both streams, every step (async copier, held in host memory, prompt to
 PIL image), each timed once. `sequential` skips the warm-up and the plain run (capture only).
 Group variants (`GroupOffload` in flux_ir/models/loading.py; `group` is the default):
-- group: VAE and CLIP resident on the GPU, transformer and T5 block-level, 1 block per group,
-  side stream with record_stream.
-- group_all: the earlier default: every component group-offloaded, no record_stream.
-- group_all_rs: every component group-offloaded, with record_stream.
-- group_nors: `group` without record_stream (the host syncs after every group).
-- group_g2 / group_g4: `group` with 2 / 4 blocks per group.
-- group_t5leaf: `group` with T5 leaf-level. Peak VRAM is `torch.cuda.max_memory_allocated` (and reserved) over
+- group: VAE and CLIP resident on the GPU; the transformer block by block and T5 leaf by leaf
+  (every Linear/Embedding its own group), on a side stream with record_stream.
+- group_t5block: `group` with T5 at block level: T5 has no block list at its top level, so diffusers
+  moves all of it as one group without a stream (pageable memory) at every prompt encoding.
+- group_all: every component group-offloaded at block level, no record_stream.
+- group_all_rs: every component group-offloaded at block level, with record_stream.
+- group_nors: `group_t5block` without record_stream (the host syncs after every group).
+(diffusers moves one block per group whenever it uses a stream, so there is no blocks-per-group
+variant.) Peak VRAM is `torch.cuda.max_memory_allocated` (and reserved) over
 the capture run. "max rel diff" compares six block outputs at the first and last step to the
 no-offload run (nan-aware; random bf16 weights can overflow, so this is reported, not asserted).
 """
@@ -37,14 +39,12 @@ NOTE = __doc__.split("What is measured:")[1]
 MODES = ("none", "model", "group", "sequential")
 VARIANTS = {
     "group": {},
-    "group_all": dict(resident=(), record_stream=False),
-    "group_all_rs": dict(resident=()),
-    "group_nors": dict(record_stream=False),
-    "group_g2": dict(num_blocks_per_group=2),
-    "group_g4": dict(num_blocks_per_group=4),
-    "group_t5leaf": dict(text_encoder_2_level="leaf_level"),
+    "group_t5block": dict(text_encoder_2_level="block_level"),
+    "group_all": dict(resident=(), record_stream=False, text_encoder_2_level="block_level"),
+    "group_all_rs": dict(resident=(), text_encoder_2_level="block_level"),
+    "group_nors": dict(record_stream=False, text_encoder_2_level="block_level"),
 }
-DEFAULT_MODES = "none,group,group_all,group_all_rs,group_nors"
+DEFAULT_MODES = "none,model,group,sequential"
 KEEP = {"double": (0, 9, 18), "single": (0, 18, 37)}
 
 

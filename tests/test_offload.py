@@ -35,7 +35,7 @@ def test_group_offload_keeps_resident_components_whole_and_hook_free():
 
 def test_group_offload_variant_records_the_same_tensors(tiny_capture):
     pipe, spec = load_pipeline("flux-tiny", device="cpu")
-    variant = GroupOffload(resident=(), num_blocks_per_group=2, text_encoder_2_level="leaf_level")
+    variant = GroupOffload(resident=(), num_blocks_per_group=2, text_encoder_2_level="block_level")
     place_pipeline(pipe, "cpu", "group", variant)
     assert hooked(pipe.vae)  # nothing resident
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name)

@@ -110,16 +110,20 @@ class GroupOffload:
 
     resident: components kept on the device whole (small ones: the VAE and CLIP are ~0.3 GB in bf16;
         offloading them block by block costs more time than the memory it saves).
-    num_blocks_per_group: transformer/T5 blocks moved together (more: fewer transfers, more VRAM).
+    num_blocks_per_group: transformer blocks moved together without streams (on CUDA diffusers uses a
+        stream and then moves one block at a time whatever this says).
     record_stream: mark onloaded weights as used by the compute stream instead of synchronising the
         host after every group (lets the CPU run ahead while the next group is prefetched).
-    text_encoder_2_level: "block_level" or "leaf_level" for T5.
+    text_encoder_2_level: "leaf_level" (default) or "block_level" for T5. T5 has no block list at
+        its top level, so at "block_level" diffusers moves the whole T5 as one group without a
+        stream, through pageable memory (8.5 s per prompt for T5-XXL on an H100 host, against
+        0.24 s leaf by leaf on the stream).
     """
 
     resident: tuple[str, ...] = ("vae", "text_encoder")
     num_blocks_per_group: int = 1
     record_stream: bool = True
-    text_encoder_2_level: str = "block_level"
+    text_encoder_2_level: str = "leaf_level"
 
 
 def enable_group_offload(
