@@ -4,7 +4,10 @@
     PYTHONPATH=. python benchmarks/bench_stream.py --smoke
 
 What is measured: flux-dev architecture (random bf16 weights) at 1024², every block, both streams,
-every step, streamed to `--scratch` (deleted at the end) with the async copier and the shard writer.
+every step, streamed to `--scratch` (deleted at the end) with the command line's `--copy` copier
+(`async`, its default: side-stream copies drained into ordinary host tensors; `pinned` keeps
+page-locked chunks that torch's host allocator caches, so the process holds up to its budget) and
+the shard writer.
 Host RSS is read from /proc/self/status (VmRSS sampled every 50 ms and VmHWM after a `clear_refs`
 reset); "RSS above model" is the peak minus the RSS right after the model was built. Write
 throughput is shard bytes over the capture's wall time; "disk seq write" is a separate 4 GB write with
@@ -25,7 +28,7 @@ import torch
 from common import RssSampler, parser, pipeline, proc_status, reset_peak_rss, sync, write_results
 
 from flux_ir.capture import GenerationOptions, run_capture
-from flux_ir.capture.copy import AsyncCopier
+from flux_ir.capture.copy import COPIERS, make_copier
 from flux_ir.store import ShardWriter, load_capture
 
 NOTE = __doc__.split("What is measured:")[1]
@@ -52,6 +55,9 @@ def main() -> None:
     p.add_argument("--model", default="flux-dev")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
+    p.add_argument(
+        "--copy", default="async", choices=COPIERS, help="the command line's --copy (default async)"
+    )
     p.add_argument("--scratch", default=None, help="directory for the shards (default: a temp dir)")
     p.add_argument(
         "--time_budget",
@@ -123,7 +129,7 @@ def main() -> None:
             sync()
             plain_s = time.perf_counter() - t0
         hwm_reset = reset_peak_rss()
-        copier = AsyncCopier()
+        copier = make_copier(args.copy)
         writer = ShardWriter(scratch / "capture")
         with RssSampler() as rss:
             sync()
@@ -131,7 +137,7 @@ def main() -> None:
             _, cap = run_capture(pipe, opts, copier=copier, sink=writer)
             writer.finish(cap)
             capture_s = time.perf_counter() - t0
-        copier.close()
+        getattr(copier, "close", copier.synchronize)()
         peak = max(rss.peak, proc_status("VmHWM") if hwm_reset else 0)
         written = writer.bytes_written
         lazy = load_capture(scratch / "capture")
@@ -140,6 +146,7 @@ def main() -> None:
         read_one_s = time.perf_counter() - t1
         result = dict(
             status="done",
+            copy=args.copy,
             free_disk_GB=free / 1e9,
             model=spec.name,
             size=size,
