@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every capture benchmark within a wall-clock budget; results (JSON + markdown) under --out.
 #
-#   PYTHONPATH=/tmp/site:. benchmarks/run_capture_benchmarks.sh --out "$OUT"      # CUDA machine
+#   PYTHONPATH=. benchmarks/run_capture_benchmarks.sh --out "$OUT"      # CUDA machine
 #   PYTHON=.venv/bin/python benchmarks/run_capture_benchmarks.sh --smoke --out /tmp/bench
 #   ... --only bench_compile,bench_offload     # a subset (script names, comma separated)
 #

@@ -3,7 +3,7 @@
 # cuda:LOCAL_RANK), images/s of one GPU and of all GPUs measured in the same run. Writes
 # bench_sweep_scaling.{json,md} and bench_sweep_scaling.log into --out.
 #
-#   NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:. benchmarks/run_sweep_scaling.sh --out "$OUT"   # all GPUs
+#   NCCL_NVLS_ENABLE=0 PYTHONPATH=. benchmarks/run_sweep_scaling.sh --out "$OUT"   # all GPUs
 #   ... --nproc 2 --scaling_points 256        # extra arguments go to bench_sweep.py
 #   PYTHON=.venv/bin/python benchmarks/run_sweep_scaling.sh --smoke --out /tmp/bench   # CPU, 2 gloo ranks
 set -u
