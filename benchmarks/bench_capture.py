@@ -16,9 +16,6 @@ compared to `plain` of that shape.
   + record_stream, no drain to pageable memory.
 - async: flux-ir's AsyncCopier as it runs by default (`dest="pinned"`): batched side-stream copies
   straight into page-locked host chunks (within a budget of a quarter of host memory, at most 32 GiB), one event per group, no host copy.
-- async_arena: `dest="arena"`: copies into reused pinned slabs, drained by 4 threads into pageable
-  chunks pre-faulted ahead of use (huge pages advised), one memcpy per contiguous run.
-  async_arena_1t: the same with one drain thread.
 - async_fresh: `dest="fresh"` (the previous AsyncCopier): a new pageable tensor per copy, drained
   tensor by tensor by one thread (first-touch page faults in the drain).
 - async_nodrain (diagnostic): async_fresh without the background pinned -> pageable copy (data
@@ -138,8 +135,6 @@ def main() -> None:
     )
     copiers = {
         "async": AsyncCopier(),
-        "async_arena": AsyncCopier(dest="arena"),
-        "async_arena_1t": AsyncCopier(dest="arena", drain_threads=1),
         "async_fresh": AsyncCopier(dest="fresh", drain_threads=1),
     }
     async_copier = copiers["async"]

@@ -240,7 +240,7 @@ def main() -> None:
                     in_hooks_ms=1000 * hook_s[name] / (steps * repeats),
                     bg_cpu_ms=1000 * bg[name] / (steps * repeats),
                     runs_ms=" / ".join(f"{1000 * t:.0f}" for t in times[name]),
-                    chunks_made=stats[name].get("pinned_chunks"),
+                    chunks_made=stats[name].get("chunks"),
                     chunk_make_s=stats[name].get("make_s"),
                     chunk_wait_s=stats[name].get("wait_s"),
                     _median=med,

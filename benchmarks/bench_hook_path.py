@@ -62,7 +62,7 @@ def main() -> None:
     makers = {
         "null": NullCopier,
         "sync": SyncCopier,
-        **{f"async_{d}": (lambda d=d: AsyncCopier(dest=d)) for d in ("pinned", "arena", "fresh")},
+        **{f"async_{d}": (lambda d=d: AsyncCopier(dest=d)) for d in ("pinned", "fresh")},
     }
     rows = []
     for name, make in makers.items():

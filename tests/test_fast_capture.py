@@ -9,8 +9,9 @@ from flux_ir.capture.copy import (
     ChunkSource,
     PinnedPool,
     SyncCopier,
+    drain_runs,
     make_copier,
-    plan_runs,
+    slab_layout,
 )
 
 from .conftest import small_opts
@@ -37,10 +38,10 @@ def test_async_copier_on_cpu_matches_sync(tiny, tiny_capture):
     assert_same_capture(cap, tiny_capture[1])
 
 
-@pytest.mark.parametrize("dest", ["pinned", "arena", "fresh"])
+@pytest.mark.parametrize("dest", ["pinned", "fresh"])
 def test_every_host_destination_matches_sync(tiny, tiny_capture, dest):
     pipe, spec = tiny
-    # small chunks and a tiny pinned budget: tensors spread over many chunks, pinned and pageable
+    # small chunks and a tiny pinned budget: tensors spread over chunks, then fresh tensors
     copier = AsyncCopier(group_bytes=4096, dest=dest, pinned_bytes=1 << 16, chunk_bytes=1 << 16)
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name, copier=copier)
     copier.close()
@@ -59,17 +60,17 @@ def test_carved_host_tensors_own_their_storage():
 
 def test_pinned_budget_is_returned_when_carved_tensors_are_dropped():
     source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=5 << 19, pin=False, threads=1)
-    chunks = [source.take(1000) for _ in range(3)]
-    assert [c.pinned for c in chunks] == [True, True, False]  # 2 MiB pinned, a third is over budget
-    stats = source.stats
-    assert stats["pinned_chunks"] >= 2 and stats["chunks"] - stats["pinned_chunks"] >= 1
-    assert stats["make_s"] > 0 and stats["wait_s"] >= 0
+    assert source.pinned_room(1000)
+    chunks = [source.take(1000) for _ in range(2)]
+    assert [c.size for c in chunks] == [1 << 20, 1 << 20]  # first sizes are capped by chunk_bytes
+    assert not source.pinned_room(1000)  # 2 MiB live: a third chunk would pass 2.5 MiB
+    assert source.stats["chunks"] >= 2 and source.stats["make_s"] > 0
     views = [c.array[:10] for c in chunks]
     del chunks
     assert source.live_pinned == 2 << 20  # views keep their chunks alive
     del views
     assert source.live_pinned == 0
-    assert source.take(1000).pinned
+    assert source.pinned_room(1000)
     source.close()
 
 
@@ -88,6 +89,17 @@ def test_copies_beyond_the_pinned_budget_go_to_fresh_tensors_with_the_same_value
     copier.close()
 
 
+@pytest.mark.parametrize("dest", ["pinned", "fresh"])
+def test_storage_dtype_is_applied_before_the_copy(dest):
+    copier = AsyncCopier(torch.float16, dest=dest, pinned_bytes=1 << 20, chunk_bytes=1 << 20)
+    src = torch.randn(4, 7).t()  # not contiguous
+    out = copier.copy(src)
+    copier.synchronize()
+    assert out.dtype == torch.float16 and out.shape == (7, 4)
+    assert torch.equal(out, src.to(torch.float16))
+    copier.close()
+
+
 def test_command_line_copiers_map_to_their_host_destinations():
     assert isinstance(make_copier("sync"), SyncCopier)
     assert make_copier("async").dest == "fresh"  # one capture per process: no page-locking
@@ -96,13 +108,13 @@ def test_command_line_copiers_map_to_their_host_destinations():
         make_copier("lazy")
 
 
-def test_copies_contiguous_in_a_chunk_drain_as_one_run():
-    source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=0, pin=False, threads=1)
-    a, b = source.take(1 << 20), source.take(1 << 20)
-    items = [(None, None, a, 0, 300), (None, None, a, 512, 100), (None, None, b, 0, 8)]
-    runs = plan_runs(items)
-    assert [(len(r[0]), r[1], r[2], r[3]) for r in runs] == [(2, 0, 612, 0), (1, 0, 8, 768)]
-    source.close()
+def test_staged_copies_pack_into_the_slab_aligned_and_drain_back():
+    offsets, total = slab_layout([300, 100, 8])
+    assert offsets == [0, 512, 768] and total == 776
+    slab = torch.arange(total, dtype=torch.int64).to(torch.uint8)
+    dests = [torch.empty(n, dtype=torch.uint8) for n in (300, 100, 8)]
+    drain_runs(list(zip(dests, offsets, strict=True)), slab)
+    assert all(torch.equal(d, slab[o : o + d.numel()]) for d, o in zip(dests, offsets, strict=True))
 
 
 def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
@@ -115,11 +127,11 @@ def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
 
 
 @cuda
-@pytest.mark.parametrize("dest", ["pinned", "arena", "fresh"])
+@pytest.mark.parametrize("dest", ["pinned", "fresh"])
 def test_async_copier_on_cuda_matches_sync(dest):
     torch.manual_seed(0)
     xs = [torch.randn(2, 300 + i, 64, device="cuda", dtype=torch.bfloat16) for i in range(40)]
-    copier = AsyncCopier(  # forces slab reuse, several chunks, pinned then pageable
+    copier = AsyncCopier(  # forces slab reuse, several chunks, then fresh tensors past the budget
         group_bytes=200_000,
         pool_bytes=1 << 20,
         dest=dest,

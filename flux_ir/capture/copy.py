@@ -4,31 +4,26 @@ A copier's `copy(t)` returns a host tensor that is valid after `synchronize()` (
 taken later is set). `flush()` hands what was queued so far to the device's copy engine.
 
 `SyncCopier` copies at once, blocking. `AsyncCopier` keeps the hook cheap: `copy` records the source
-tensor and returns its host tensor at once (carved from large pre-allocated chunks); every
-`group_bytes` of sources (or at `flush()`) it issues the queued device→host copies on a side CUDA
-stream and records one event; background threads wait for the events. Where the host tensors live
-(`dest`):
+tensor and returns its host tensor at once; every `group_bytes` of sources (or at `flush()`) it
+issues the queued device→host copies on a side CUDA stream and records one event; background threads
+wait for the events. Where the host tensors live (`dest`):
 
-- `"pinned"`: in page-locked chunks, while their live total stays within `pinned_bytes`: the device
-  copies straight into the returned tensors, nothing is copied on the host. Beyond the budget, as
-  `"fresh"` (pre-faulted arenas measured slower than fresh tensors on an H100 host).
-- `"arena"`: in pageable chunks that background threads allocate and pre-fault ahead of use
-  (transparent huge pages where the kernel offers them). The device copies into a reused pinned slab;
-  a drain thread moves each slab into the chunk with one memcpy per contiguous run.
-- `"fresh"`: a new pageable tensor per copy, drained tensor by tensor (first-touch page faults in the
-  drain threads).
+- `"pinned"`: carved from page-locked chunks (prepared ahead by background threads), while their
+  live total stays within `pinned_bytes`: the device copies straight into the returned tensors,
+  nothing is copied on the host. Beyond the budget, as `"fresh"`.
+- `"fresh"`: a new pageable tensor per copy; the device copies into a reused page-locked slab and a
+  background thread copies each tensor out of it (first-touch page faults happen in that thread).
 
-Every host tensor owns its own storage (`torch.save` writes it alone); a chunk's memory is freed (or
-returned to the pinned budget) when the last tensor carved from it is dropped, so a streaming sink
-keeps host memory bounded. The sources stay referenced (the caching allocator cannot reuse their
-memory) until their copy has completed; no `record_stream` and no host synchronisation happen in the
-hook. At most `pool_bytes // group_bytes` groups are in flight (backpressure). On the CPU the same
-queueing and chunk bookkeeping run with plain copies, so a CPU test checks them against `SyncCopier`.
+Every host tensor owns its own storage (`torch.save` writes it alone); a chunk returns to the pinned
+budget when the last tensor carved from it is dropped, so a streaming sink keeps host memory
+bounded. The sources stay referenced (the caching allocator cannot reuse their memory) until their
+copy has completed; no `record_stream` and no host synchronisation happen in the hook. At most
+`pool_bytes // group_bytes` groups are in flight (backpressure). On the CPU the same queueing and
+chunk bookkeeping run with plain copies, so a CPU test checks them against `SyncCopier`.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import queue
 import threading
@@ -42,9 +37,7 @@ import torch
 
 ALIGN = 256  # byte alignment of tensors inside slabs and chunks
 SLAB_ROUND = 32 << 20
-DESTS = ("pinned", "arena", "fresh")
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-PAGE = 4096
+DESTS = ("pinned", "fresh")
 FIRST_CHUNK = 4 << 20
 
 
@@ -112,34 +105,14 @@ class PinnedPool:
             self.cond.notify_all()
 
 
-# -- host chunks -----------------------------------------------------------------------------------
+# -- page-locked chunks ---------------------------------------------------------------------------
 class Chunk:
-    """`size` bytes of host memory (`array`, uint8) carved front to back; `pinned`: page-locked."""
+    """`size` bytes of page-locked host memory (`array`, uint8) carved front to back."""
 
-    __slots__ = ("array", "size", "used", "pinned")
+    __slots__ = ("array", "size", "used")
 
-    def __init__(self, array: np.ndarray, pinned: bool):
-        self.array, self.size, self.used, self.pinned = array, array.shape[0], 0, pinned
-
-
-def pageable_array(nbytes: int, prefault: bool = True) -> np.ndarray:
-    """Anonymous private memory, huge pages advised, every page faulted in now (not at first copy).
-
-    The memory is unmapped when the array and every slice of it are gone.
-    """
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    array = np.frombuffer(m, dtype=np.uint8)
-    if prefault:
-        try:
-            m.madvise(MADV_POPULATE_WRITE)
-        except (OSError, ValueError):  # older kernel: touch one byte per page
-            array[::PAGE] = 0
-    return array
+    def __init__(self, array: np.ndarray):
+        self.array, self.size, self.used = array, array.shape[0], 0
 
 
 def pinned_array(nbytes: int, pin: bool) -> np.ndarray:
@@ -148,13 +121,12 @@ def pinned_array(nbytes: int, pin: bool) -> np.ndarray:
 
 
 class ChunkSource:
-    """Hands out chunks of `chunk_bytes`, prepared `ahead` at a time by `threads` background threads.
+    """Page-locked chunks, prepared `ahead` at a time by `threads` background threads; sizes double
+    from 4 MiB up to `chunk_bytes`. `pin=False` gives ordinary memory (testable without CUDA).
 
-    `stats`: chunks made (pinned among them), seconds spent making them (in the background threads)
-    and seconds `take` waited for them (in the caller's thread).
-
-    Pinned chunks are handed out while the live pinned total stays within `pinned_bytes` (a chunk
-    counts until the last tensor carved from it is dropped); then pageable ones.
+    The live total (a chunk counts until the last tensor carved from it is dropped) may not exceed
+    `pinned_bytes`: callers ask `pinned_room` before `take`. `stats`: chunks made, seconds spent making
+    them (in the background threads) and seconds `take` waited for them (in the caller's thread).
     """
 
     def __init__(
@@ -169,60 +141,53 @@ class ChunkSource:
         self.live_pinned = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flux-ir-chunks")
-        self._ready: dict[bool, list[tuple[int, Future]]] = {True: [], False: []}
+        self._ready: list[tuple[int, Future]] = []
         self._size = min(FIRST_CHUNK, chunk_bytes)
-        self.stats = {"chunks": 0, "pinned_chunks": 0, "make_s": 0.0, "wait_s": 0.0}
+        self.stats = {"chunks": 0, "make_s": 0.0, "wait_s": 0.0}
 
     def take(self, nbytes: int) -> Chunk:
         """A chunk of at least `nbytes` (a dedicated one when larger than the next prepared one)."""
         need = -(-nbytes // ALIGN) * ALIGN
-        pinned = self.pinned_room(nbytes)
-        ready = self._ready[pinned]
+        ready = self._ready
         while len(ready) < self.ahead:
-            ready.append(self._submit(pinned))
+            ready.append(self._submit())
         t0 = time.perf_counter()
         if need > ready[0][0]:
-            array = self._make(pinned, need)
+            array = self._make(need)
         else:
             _, future = ready.pop(0)
-            ready.append(self._submit(pinned))
+            ready.append(self._submit())
             array = future.result()
         self.stats["wait_s"] += time.perf_counter() - t0
-        return self._wrap(array, pinned)
+        with self._lock:
+            self.live_pinned += array.shape[0]
+        weakref.finalize(array, self._release, array.shape[0])
+        return Chunk(array)
 
     def pinned_room(self, nbytes: int) -> bool:
-        """Whether a pinned chunk for `nbytes` stays within the pinned budget."""
+        """Whether a chunk for `nbytes` stays within the pinned budget."""
         need = -(-nbytes // ALIGN) * ALIGN
         return self.live_pinned + max(need, self._size) <= self.pinned_bytes
 
-    def _submit(self, pinned: bool) -> tuple[int, Future]:
-        """Prepare the next chunk in the background; sizes double from 4 MiB up to `chunk_bytes`."""
+    def _submit(self) -> tuple[int, Future]:
         size, self._size = self._size, min(self.chunk_bytes, 2 * self._size)
-        return size, self._pool.submit(self._make, pinned, size)
+        return size, self._pool.submit(self._make, size)
 
-    def _make(self, pinned: bool, size: int) -> np.ndarray:
+    def _make(self, size: int) -> np.ndarray:
         t0 = time.perf_counter()
-        array = pinned_array(size, self.pin) if pinned else pageable_array(size)
+        array = pinned_array(size, self.pin)
         with self._lock:
             self.stats["chunks"] += 1
-            self.stats["pinned_chunks"] += pinned
             self.stats["make_s"] += time.perf_counter() - t0
         return array
 
-    def _wrap(self, array: np.ndarray, pinned: bool) -> Chunk:
-        if pinned:
-            with self._lock:
-                self.live_pinned += array.shape[0]
-            weakref.finalize(array, self._release_pinned, array.shape[0])
-        return Chunk(array, pinned)
-
-    def _release_pinned(self, nbytes: int) -> None:
+    def _release(self, nbytes: int) -> None:
         with self._lock:
             self.live_pinned -= nbytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._ready = {True: [], False: []}
+        self._ready = []
 
 
 # -- completion tracking ---------------------------------------------------------------------------
@@ -272,12 +237,12 @@ class AsyncCopier:
         dtype: storage dtype (cast on the device before the copy); None keeps the tensor's dtype.
         group_bytes: queued source bytes that trigger a flush (bounds the extra device memory held).
         pool_bytes: page-locked slab budget for groups in flight; also bounds the groups in flight.
-        dest: where host tensors live: "pinned" (default), "arena" or "fresh" (module docstring).
+        dest: where host tensors live: "pinned" (default) or "fresh" (module docstring).
         pinned_bytes: live page-locked capture memory allowed with `dest="pinned"` (default: a
             quarter of the host's memory, at most 32 GiB); copies beyond it go to fresh tensors.
         chunk_bytes: size of the host chunks tensors are carved from.
-        drain_threads: threads that wait for copies and drain slabs into pageable chunks.
-        prefault_threads: threads that allocate and pre-fault chunks ahead of use.
+        drain_threads: threads that wait for copies (and copy `"fresh"` tensors out of the slabs).
+        chunk_threads: threads that page-lock chunks ahead of use.
     """
 
     def __init__(
@@ -289,7 +254,7 @@ class AsyncCopier:
         pinned_bytes: int | None = None,
         chunk_bytes: int = 256 << 20,
         drain_threads: int = 4,
-        prefault_threads: int = 2,
+        chunk_threads: int = 2,
     ):
         if dest not in DESTS:
             raise ValueError(f"unknown dest {dest!r}; use one of {', '.join(DESTS)}")
@@ -303,7 +268,7 @@ class AsyncCopier:
             else 0
         )
         self.chunks = ChunkSource(
-            chunk_bytes, budget, torch.cuda.is_available(), prefault_threads, ahead=2
+            chunk_bytes, budget, torch.cuda.is_available(), chunk_threads, ahead=2
         )
         self._chunk: Chunk | None = None
         self._pending: list[tuple] = []
@@ -320,33 +285,39 @@ class AsyncCopier:
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         if t.requires_grad:
             t = t.detach()
-        if self.dtype is not None and t.dtype != self.dtype:
-            t = t.to(self.dtype)
+        if self.dest == "pinned" and t.nbytes:
+            dest = self._carve(t)
+            if dest is not None:
+                self._queue_copy(t, dest, True)
+                return dest
+        dest = torch.empty(t.shape, dtype=self.dtype or t.dtype)
+        self._queue_copy(t, dest, False)
+        return dest
+
+    def _carve(self, t: torch.Tensor) -> torch.Tensor | None:
+        """A host tensor for `t` (in the storage dtype) carved from the current chunk, or None when
+        the pinned budget is spent."""
+        dtype = self.dtype or t.dtype
+        nbytes = t.numel() * dtype.itemsize
+        chunk = self._chunk
+        if chunk is None or chunk.used + nbytes > chunk.size:
+            if not self.chunks.pinned_room(nbytes):
+                return None
+            chunk = self._chunk = self.chunks.take(nbytes)
+        off = chunk.used
+        chunk.used = off + nbytes + (-nbytes % ALIGN)
+        return torch.from_numpy(chunk.array[off : off + nbytes]).view(dtype).view(t.shape)
+
+    def _queue_copy(self, t: torch.Tensor, dest: torch.Tensor, direct: bool) -> None:
+        """Queue `t` (cast on its device to the storage dtype, made contiguous) for `dest`."""
+        if t.dtype != dest.dtype:
+            t = t.to(dest.dtype)
         if not t.is_contiguous():
             t = t.contiguous()
-        nbytes = t.nbytes
-        if self.dest == "fresh" or nbytes == 0:
-            dest, chunk, off = torch.empty(t.shape, dtype=t.dtype), None, 0
-        else:
-            chunk = self._chunk
-            if chunk is None or chunk.used + nbytes > chunk.size:
-                if self.dest == "pinned" and not self.chunks.pinned_room(nbytes):
-                    return self._queue_copy(t, torch.empty(t.shape, dtype=t.dtype), None, 0)
-                chunk = self._chunk = self.chunks.take(nbytes)
-            off = chunk.used
-            chunk.used = off + nbytes + (-nbytes % ALIGN)
-            dest = torch.from_numpy(chunk.array[off : off + nbytes]).view(t.dtype).view(t.shape)
-        return self._queue_copy(t, dest, chunk, off)
-
-    def _queue_copy(
-        self, t: torch.Tensor, dest: torch.Tensor, chunk: Chunk | None, off: int
-    ) -> torch.Tensor:
-        nbytes = t.nbytes
-        self._pending.append((t, dest, chunk, off, nbytes))
-        self._pending_bytes += nbytes
+        self._pending.append((t, dest, direct))
+        self._pending_bytes += t.nbytes
         if self._pending_bytes >= self.group_bytes:
             self.flush()
-        return dest
 
     def flush(self) -> None:
         """Issue the queued copies (asynchronously on CUDA)."""
@@ -355,33 +326,31 @@ class AsyncCopier:
             return
         if pending[0][0].device.type != "cuda":
             with torch.inference_mode():  # host tensors made in hooks are inference tensors
-                for src, dest, *_ in pending:
+                for src, dest, _ in pending:
                     dest.copy_(src)
             return
         self._check_error()
         self._inflight.acquire()  # backpressure: bounded groups (and sources) in flight
-        direct = [p for p in pending if p[2] is not None and p[2].pinned]
-        staged = [p for p in pending if p[2] is None or not p[2].pinned]
-        runs, slab = plan_runs(staged), None
-        if runs:
-            slab = self.pool.acquire(runs[-1][3] + runs[-1][2] - runs[-1][1])
+        staged = [(src, dest) for src, dest, direct in pending if not direct]
+        offsets, total = slab_layout([src.nbytes for src, _ in staged])
+        slab = self.pool.acquire(total) if staged else None
         device = pending[0][0].device
         stream = self._stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         # host tensors carved in hooks are inference tensors; a flush may come after the
         # generation's inference_mode has ended (BlockTrace's exit)
         with torch.inference_mode(), torch.cuda.stream(stream):
-            for src, dest, *_ in direct:
-                dest.copy_(src, non_blocking=True)
-            for items, _, _, s0 in runs:
-                base = items[0][3]
-                for src, _, _, off, nb in items:
-                    s = s0 + off - base
-                    slab[s : s + nb].copy_(src.reshape(-1).view(torch.uint8), non_blocking=True)
+            for src, dest, direct in pending:
+                if direct:
+                    dest.copy_(src, non_blocking=True)
+            for (src, _), at in zip(staged, offsets, strict=True):
+                slab[at : at + src.nbytes].copy_(
+                    src.reshape(-1).view(torch.uint8), non_blocking=True
+                )
             event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps, not spins
             event.record(stream)
-        # the drain needs only where each run goes; the sources are dropped once copied
-        runs = [(items[0][1], items[0][2], start, end, s0) for items, start, end, s0 in runs]
+        # the drain needs only where each staged tensor goes; the sources are dropped once copied
+        runs = [(dest, at) for (_, dest), at in zip(staged, offsets, strict=True)]
         self._start_threads()
         self._queue.put((self._jobs.start(), event, slab, runs, [p[0] for p in pending]))
 
@@ -443,41 +412,22 @@ class AsyncCopier:
             raise RuntimeError(f"asynchronous capture copy failed: {err}") from err
 
 
-def plan_runs(items: list[tuple]) -> list[tuple[list[tuple], int, int, int]]:
-    """Group queued copies into runs contiguous in their host chunk: `(items, start, end, slab_at)`.
-
-    A run's bytes sit in the slab with the same relative offsets as in the chunk, so draining it is
-    one memcpy. Items without a chunk (`dest="fresh"`) are runs of their own.
-    """
-    runs: list[tuple[list[tuple], int, int, int]] = []
-    at = 0
-    for item in items:
-        _, _, chunk, off, nb = item
-        end = off + nb
-        if runs and chunk is not None and runs[-1][0][-1][2] is chunk:
-            prev = runs[-1]
-            last = prev[0][-1]
-            if off == last[3] + last[4] + (-last[4] % ALIGN):
-                prev[0].append(item)
-                at += end - prev[2]
-                runs[-1] = (prev[0], prev[1], end, prev[3])
-                continue
+def slab_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of tensors of `sizes` bytes packed into one slab, each aligned to ALIGN; and its size."""
+    offsets, at = [], 0
+    for n in sizes:
         at += -at % ALIGN
-        runs.append(([item], off, end, at))
-        at += nb
-    return runs
+        offsets.append(at)
+        at += n
+    return offsets, at
 
 
-def drain_runs(runs: list[tuple], slab: torch.Tensor) -> None:
-    """Copy each run `(dest, chunk, start, end, slab_at)` from the slab into its chunk (or, without a
-    chunk, into its fresh tensor `dest`)."""
+def drain_runs(runs: list[tuple[torch.Tensor, int]], slab: torch.Tensor) -> None:
+    """Copy each `(dest, slab_at)` out of the slab into its host tensor `dest`."""
     with torch.inference_mode():
-        for dest, chunk, start, end, s0 in runs:
-            if chunk is None:
-                target = dest.reshape(-1).view(torch.uint8)
-            else:
-                target = torch.from_numpy(chunk.array[start:end])
-            target.copy_(slab[s0 : s0 + end - start])
+        for dest, at in runs:
+            target = dest.reshape(-1).view(torch.uint8)
+            target.copy_(slab[at : at + target.numel()])
 
 
 def default_pinned_bytes() -> int:
