@@ -73,9 +73,9 @@ def capture(
         reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens), on the device.
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
-        copy: "async" (side-stream copies, drained into ordinary host tensors), "pinned" (copies
-            straight into page-locked host memory: faster once a process has captured before) or
-            "sync" (blocking `.cpu()`).
+        copy: "async" (side-stream copies, drained into ordinary host tensors; use it with
+            --format shards), "pinned" (copies straight into page-locked host memory, which the
+            process keeps: faster once it has captured before) or "sync" (blocking `.cpu()`).
         compile: torch.compile every block's forward (hooks stay outside the graphs); the first
             step pays the compilation.
     """
