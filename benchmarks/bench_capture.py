@@ -16,10 +16,10 @@ compared to `plain` of that shape.
   + record_stream, no drain to pageable memory.
 - async: flux-ir's AsyncCopier as it runs by default (`dest="pinned"`): batched side-stream copies
   straight into page-locked host chunks (within a budget of a quarter of host memory, at most 32 GiB), one event per group, no host copy.
-- async_fresh: `dest="fresh"` (the previous AsyncCopier): a new pageable tensor per copy, drained
+- async_pageable: `dest="pageable"` (called "fresh" in results before 2026-12): a new pageable tensor per copy, drained
   tensor by tensor by one thread (first-touch page faults in the drain).
-- async_nodrain (diagnostic): async_fresh without the background pinned -> pageable copy (data
-  discarded).
+- async_nodrain (diagnostic): async_pageable without the background pinned -> pageable copy (data
+  discarded: `flux_ir.capture.copy.drain_runs` is replaced by a no-op while it runs).
 - async_img: async, image tokens only. async_sel: 9 blocks, image tokens, 2x2 pooled, bf16.
 All blocks, both streams, every step unless named otherwise. first_run_ratio: the warm-up run (new
 page-locked chunks and slabs are allocated in it) against plain's warm-up. main_cpu_ms: CPU time of the main
@@ -31,14 +31,26 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 import time
+from unittest import mock
 
 import torch
-from common import device_info, generate_latents, parser, pipeline, sync, write_results
+from common import (
+    device_info,
+    generate_latents,
+    parser,
+    pipeline,
+    sampling_options,
+    sync,
+    write_results,
+)
 
+import flux_ir.capture.copy as capture_copy
 from flux_ir.capture import BlockTrace
 from flux_ir.capture.copy import AsyncCopier, SyncCopier
 from flux_ir.capture.select import Selection
+from flux_ir.sampling import encode_prompt
 
 NOTE = __doc__.split("What is measured:")[1]
 
@@ -62,16 +74,44 @@ class PerTensorAsyncCopier:
             t.record_stream(self.stream)
         return b
 
+    def flush(self) -> None:  # every copy is issued at once
+        pass
+
+    def fence(self) -> threading.Event:
+        """Blocking (waits for the side stream); only a trace with a sink asks, not this benchmark."""
+        self.stream.synchronize()
+        done = threading.Event()
+        done.set()
+        return done
+
     def synchronize(self) -> None:
         self.stream.synchronize()
         self.i = 0
 
 
-class NoDrainCopier(AsyncCopier):
-    """Diagnostic: AsyncCopier whose background thread skips the pinned -> pageable copy."""
+def no_drain(runs, slab) -> None:
+    """Diagnostic stand-in for `flux_ir.capture.copy.drain_runs`: skips the pinned -> pageable copy."""
 
-    def _drain_runs(self, runs, slab) -> None:
-        pass
+
+class NoDrainTrace(BlockTrace):
+    """Diagnostic (async_nodrain): a BlockTrace during which the copier's background threads skip the
+    pinned -> pageable copy (the host tensors keep no data). `flux_ir.capture.copy.drain_runs` is
+    replaced by a no-op from entering until the copier has synchronised on exit, and only then."""
+
+    def __enter__(self) -> NoDrainTrace:
+        self._no_drain = mock.patch.object(capture_copy, "drain_runs", no_drain)
+        self._no_drain.start()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._no_drain.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)  # synchronises the copier: every drain has run
+        finally:
+            self._no_drain.stop()
 
 
 def captured_bytes(trace: BlockTrace) -> int:
@@ -101,7 +141,6 @@ def main() -> None:
     )
     steps = 2 if args.smoke else args.steps
     max_len = 32 if args.smoke else 512
-    dev = pipe._execution_device
     result = {"device": device_info(), "model": spec.name, "steps": steps, "shapes": {}}
     rows = []
     noop_handles: list = []
@@ -128,14 +167,14 @@ def main() -> None:
             single_blocks=(0, 9, 18, 27, 37),
             streams="img",
             reduce="pool2",
-            dtype="bfloat16",
+            store_dtype="bfloat16",
         )
         if not args.smoke
         else Selection(double_blocks=(0,), single_blocks=(1,), streams="img", reduce="pool2")
     )
     copiers = {
         "async": AsyncCopier(),
-        "async_fresh": AsyncCopier(dest="fresh", drain_threads=1),
+        "async_pageable": AsyncCopier(dest="pageable", drain_threads=1),
     }
     async_copier = copiers["async"]
     configs = {
@@ -152,24 +191,20 @@ def main() -> None:
         ),
     }
     if cuda:
-        configs["async_nodrain"] = lambda: BlockTrace(pipe.transformer, copier=nodrain_copier)
+        configs["async_nodrain"] = lambda: NoDrainTrace(pipe.transformer, copier=nodrain_copier)
         configs["async_per_tensor"] = lambda: BlockTrace(
             pipe.transformer, copier=PerTensorAsyncCopier()
         )
-    nodrain_copier = NoDrainCopier(dest="fresh", drain_threads=1) if cuda else None
+    nodrain_copier = AsyncCopier(dest="pageable", drain_threads=1) if cuda else None
     for size, batch in shapes:
         grid = (size // 16, size // 16)
-        with torch.inference_mode():
-            pe, pooled, _ = pipe.encode_prompt(
-                "a photo of a cat",
-                device=dev,
-                num_images_per_prompt=batch,
-                max_sequence_length=max_len,
-            )
+        opts = sampling_options(size, steps, max_len)
+        emb = encode_prompt(pipe, opts)
+        emb.repeat(batch)  # made once, outside the timing
 
-        def generate(ctx, pe=pe, pooled=pooled, size=size):
+        def generate(ctx, opts=opts, emb=emb, batch=batch):
             with ctx, torch.inference_mode():
-                generate_latents(pipe, pe, pooled, size, steps)
+                generate_latents(pipe, opts, emb, batch)
                 t_gpu = time.perf_counter()
                 sync()
             return ctx, t_gpu

@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 
 import torch
-from common import generate_latents, parser, pipeline, sync, write_results
+from common import generate_latents, parser, pipeline, sampling_options, sync, write_results
 
 from flux_ir.capture import BlockTrace
 from flux_ir.capture.copy import AsyncCopier
 from flux_ir.models.compile import compile_blocks
+from flux_ir.sampling import encode_prompt
 
 NOTE = __doc__.split("What is measured:")[1]
 
@@ -43,12 +44,8 @@ def main() -> None:
     size, steps = (64, 2) if args.smoke else (args.size, args.steps)
     backend = "eager" if args.smoke else args.backend
     pipe, spec = pipeline(args.model, args.smoke)
-    with torch.inference_mode():
-        pe, pooled, _ = pipe.encode_prompt(
-            "a photo of a cat",
-            device=pipe._execution_device,
-            max_sequence_length=32 if args.smoke else 512,
-        )
+    opts = sampling_options(size, steps, 32 if args.smoke else 512)
+    emb = encode_prompt(pipe, opts)
     copier = AsyncCopier()
 
     def generate(capture: bool):
@@ -57,7 +54,7 @@ def main() -> None:
             if ctx:
                 ctx.__enter__()
             try:
-                generate_latents(pipe, pe, pooled, size, steps)
+                generate_latents(pipe, opts, emb)
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)

@@ -13,6 +13,7 @@ step of flux-dev calls 57 block hooks: multiply by 57 for the main thread's cost
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -28,6 +29,14 @@ NOTE = __doc__.split("What is measured:")[1]
 class NullCopier:
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def flush(self) -> None:
+        pass
+
+    def fence(self) -> threading.Event:
+        done = threading.Event()
+        done.set()
+        return done
 
     def synchronize(self) -> None:
         pass
@@ -62,7 +71,7 @@ def main() -> None:
     makers = {
         "null": NullCopier,
         "sync": SyncCopier,
-        **{f"async_{d}": (lambda d=d: AsyncCopier(dest=d)) for d in ("pinned", "fresh")},
+        **{f"async_{d}": (lambda d=d: AsyncCopier(dest=d)) for d in ("pinned", "pageable")},
     }
     rows = []
     for name, make in makers.items():

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 
-from common import parser, pipeline, sync, write_results
+from common import parser, pipeline, sampling_options, sync, write_results
 
-from flux_ir.capture import GenerationOptions, run_capture
+from flux_ir.capture import CaptureOptions, run_capture
 from flux_ir.capture.copy import AsyncCopier
 from flux_ir.lens import block_steps, decode_capture
 
@@ -30,9 +30,7 @@ def main() -> None:
     args = p.parse_args()
     size = 64 if args.smoke else args.size
     pipe, spec = pipeline(args.model, args.smoke)
-    opts = GenerationOptions(
-        "a photo of a cat", size, size, 4, seed=0, max_sequence_length=32 if args.smoke else 256
-    )
+    opts = CaptureOptions(sampling_options(size, 4, 32 if args.smoke else 256), seed=0)
     _, cap = run_capture(pipe, opts, copier=AsyncCopier())
     items = block_steps(cap)
     result = {"model": spec.name, "size": size, "items": len(items), "runs": []}

@@ -25,6 +25,7 @@ no-offload run (nan-aware; random bf16 weights can overflow, so this is reported
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -49,9 +50,9 @@ KEEP = {"double": (0, 9, 18), "single": (0, 18, 37)}
 
 
 def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
-    from common import pipeline
+    from common import pipeline, sampling_options
 
-    from flux_ir.capture import GenerationOptions, run_capture
+    from flux_ir.capture import CaptureOptions, run_capture
     from flux_ir.capture.copy import AsyncCopier
     from flux_ir.models.loading import GroupOffload, place_pipeline
 
@@ -65,14 +66,12 @@ def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
         group = GroupOffload(**VARIANTS[mode]) if mode in VARIANTS else None
         place_pipeline(pipe, dev, "group" if group else mode, group)
     setup_s = time.perf_counter() - t0
-    opts = GenerationOptions(
-        "a photo of a cat", size, size, steps, seed=0, max_sequence_length=32 if smoke else 256
-    )
+    opts = CaptureOptions(sampling_options(size, steps, 32 if smoke else 256), seed=0)
     phases = {}
     if mode != "sequential":
-        warm = GenerationOptions(**{**opts.to_dict(), "num_steps": 1})
+        warm = dataclasses.replace(opts, sampling=dataclasses.replace(opts.sampling, num_steps=1))
         run_capture(pipe, warm, copier=AsyncCopier())
-        phases = timed_phases(pipe, opts)
+        phases = timed_phases(pipe, opts.sampling)
     if not smoke:
         torch.cuda.reset_peak_memory_stats()
     copier = AsyncCopier()
@@ -102,27 +101,18 @@ def child(mode: str, smoke: bool, size: int, steps: int, out: Path) -> None:
 
 
 def timed_phases(pipe, opts) -> dict:
-    """Seconds of text encoding, denoising (latents out) and VAE decoding of one plain generation."""
-    dev = pipe._execution_device
+    """Seconds of text encoding, denoising (latents out) and VAE decoding of one plain generation
+    (`opts`: its `SamplingOptions`)."""
+    from flux_ir.sampling import encode_prompt, generate
+
     out = {}
     with torch.inference_mode():
         sync()
         t0 = time.perf_counter()
-        pe, pooled, _ = pipe.encode_prompt(
-            opts.prompt, device=dev, max_sequence_length=opts.max_sequence_length
-        )
+        emb = encode_prompt(pipe, opts)
         sync()
         out["text_s"] = time.perf_counter() - t0
-        latents = pipe(
-            prompt_embeds=pe,
-            pooled_prompt_embeds=pooled,
-            height=opts.height,
-            width=opts.width,
-            num_inference_steps=opts.num_steps,
-            guidance_scale=0.0,
-            output_type="latent",
-            generator=torch.Generator("cpu").manual_seed(0),
-        ).images
+        latents = generate(pipe, opts, seed=0, embeddings=emb, output_type="latent").images
         sync()
         out["denoise_s"] = time.perf_counter() - t0 - out["text_s"]
         t1 = time.perf_counter()

@@ -5,7 +5,7 @@
 
 What is measured: flux-dev architecture (random bf16 weights) at 1024², every block, both streams,
 every step, streamed to `--scratch` (deleted at the end) with the command line's `--copy` copier
-(`async`, its default: side-stream copies drained into ordinary host tensors; `pinned` keeps
+(`pageable`, its default: side-stream copies drained into ordinary host tensors; `pinned` keeps
 page-locked chunks that torch's host allocator caches, so the process holds up to its budget) and
 the shard writer.
 Host RSS is read from /proc/self/status (VmRSS sampled every 50 ms and VmHWM after a `clear_refs`
@@ -16,6 +16,7 @@ fsync to the same directory; "plain" is the same generation without capture.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -25,10 +26,20 @@ import time
 from pathlib import Path
 
 import torch
-from common import RssSampler, parser, pipeline, proc_status, reset_peak_rss, sync, write_results
+from common import (
+    RssSampler,
+    parser,
+    pipeline,
+    proc_status,
+    reset_peak_rss,
+    sampling_options,
+    sync,
+    write_results,
+)
 
-from flux_ir.capture import GenerationOptions, run_capture
+from flux_ir.capture import CaptureOptions, run_capture
 from flux_ir.capture.copy import COPIERS, make_copier
+from flux_ir.sampling import generate
 from flux_ir.store import ShardWriter, load_capture
 
 NOTE = __doc__.split("What is measured:")[1]
@@ -56,7 +67,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument(
-        "--copy", default="async", choices=COPIERS, help="the command line's --copy (default async)"
+        "--copy",
+        default="pageable",
+        choices=COPIERS,
+        help="the command line's --copy (default pageable)",
     )
     p.add_argument("--scratch", default=None, help="directory for the shards (default: a temp dir)")
     p.add_argument(
@@ -72,16 +86,15 @@ def main() -> None:
     try:
         pipe, spec = pipeline(args.model, args.smoke)
         base_rss = proc_status("VmRSS")  # the model's (conservative: taken before any capture)
-        opts = GenerationOptions(
-            "a photo of a cat",
-            size,
-            size,
-            steps,
-            seed=0,
-            max_sequence_length=32 if args.smoke else 512,
-        )
+        opts = CaptureOptions(sampling_options(size, steps, 32 if args.smoke else 512), seed=0)
+
+        def with_steps(n: int) -> CaptureOptions:
+            return dataclasses.replace(
+                opts, sampling=dataclasses.replace(opts.sampling, num_steps=n)
+            )
+
         # per-step bytes from one captured step, to check the disk has room for the full run
-        _, probe = run_capture(pipe, GenerationOptions(**{**opts.to_dict(), "num_steps": 1}))
+        _, probe = run_capture(pipe, with_steps(1))
         per_step = sum(
             t.numel() * t.element_size()
             for store in (probe.double_blocks, probe.single_blocks)
@@ -112,20 +125,11 @@ def main() -> None:
             free_disk_GB=free / 1e9,
         )
         write_results(args.out, "stream_store", partial, [partial], COLUMNS[:1], NOTE)
-        opts = GenerationOptions(**{**opts.to_dict(), "num_steps": fit})
+        opts = with_steps(fit)
         with torch.inference_mode():  # (the 1-step probe above was the warm-up)
             sync()
             t0 = time.perf_counter()
-            pipe(
-                prompt=opts.prompt,
-                height=size,
-                width=size,
-                num_inference_steps=fit,
-                max_sequence_length=opts.max_sequence_length,
-                guidance_scale=3.5,
-                output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(0),
-            )
+            generate(pipe, opts.sampling, seed=0, output_type="latent")
             sync()
             plain_s = time.perf_counter() - t0
         hwm_reset = reset_peak_rss()

@@ -43,10 +43,12 @@ from pathlib import Path
 
 import torch
 
+from flux_ir.geometry import pack_latents
 from flux_ir.lens.decode import decode_packed_uint8
 from flux_ir.models import REGISTRY, build_random_pipeline, build_tiny_pipeline
+from flux_ir.sampling import encode_prompt
 from flux_ir.sweep import Distributed, GridSpec, SweepConfig, run_sweep
-from flux_ir.sweep.generate import encode_conditioning, generate_batch, pack
+from flux_ir.sweep.generate import generate_batch
 from flux_ir.sweep.grid import grid_latents, vertex_latents
 
 
@@ -98,14 +100,14 @@ def build(args, device: str):
 
 
 def config(args, spec, n_points: int) -> SweepConfig:
-    return SweepConfig(
-        model=spec.name,
+    return SweepConfig.from_spec(
+        spec,
+        grid=GridSpec(n_alpha=1, n_beta=n_points),
         width=args.size,
         height=args.size,
         num_steps=args.steps,
         guidance=spec.guidance,
         max_sequence_length=spec.max_sequence_length,
-        grid=GridSpec(n_alpha=1, n_beta=n_points),
     )
 
 
@@ -145,7 +147,7 @@ def pipeline_rate(pipe, args, spec, batch: int, device: str) -> float:
     """Images/s of the pipeline calls alone (prompt encoded once, no files), after a warm-up call;
     each call's pixels are waited for on the host."""
     cfg, z = batch_latents(args, spec, batch)
-    cond = encode_conditioning(pipe, cfg)
+    cond = encode_prompt(pipe, cfg.sampling)
     generate_batch(pipe, cfg, cond, z)[0].numpy()
     sync(device)
     t0 = time.perf_counter()
@@ -158,7 +160,7 @@ def pipeline_rate(pipe, args, spec, batch: int, device: str) -> float:
 def decode_seconds(pipe, args, spec, batch: int, device: str, repeats: int = 3) -> float:
     """Median time to VAE-decode a batch to uint8 pixels and copy them to the host."""
     _, z = batch_latents(args, spec, batch)
-    packed = pack(z).to(pipe._execution_device, pipe.transformer.dtype)
+    packed = pack_latents(z).to(pipe._execution_device, pipe.transformer.dtype)
     times = []
     for k in range(repeats + 1):
         sync(device)
@@ -183,7 +185,7 @@ def transformer_step_seconds(pipe, args, spec, batch: int, device: str) -> float
     )
     handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        generate_batch(pipe, cfg, encode_conditioning(pipe, cfg), z)
+        generate_batch(pipe, cfg, encode_prompt(pipe, cfg.sampling), z)
     finally:
         handle.remove()
     kwargs = captured["kwargs"]

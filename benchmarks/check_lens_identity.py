@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from flux_ir.capture import GenerationOptions, run_capture
+from flux_ir.capture import CaptureOptions, run_capture
 from flux_ir.lens import BlockStep, LensHead, block_latents
 from flux_ir.models import load_pipeline
+from flux_ir.sampling import SamplingOptions
 
 
 def check(device: str, dtype: torch.dtype, size: int = 256) -> list[dict]:
@@ -29,7 +30,10 @@ def check(device: str, dtype: torch.dtype, size: int = 256) -> list[dict]:
     handle = pipe.transformer.register_forward_hook(
         lambda m, a, o: outputs.append(o[0].detach().cpu())
     )
-    opts = GenerationOptions("a photo of a cat", size, size, 4, seed=1, max_sequence_length=32)
+    sampling = SamplingOptions(
+        prompt="a photo of a cat", width=size, height=size, num_steps=4, max_sequence_length=32
+    )
+    opts = CaptureOptions(sampling, seed=1)
     try:
         _, cap = run_capture(pipe, opts, model_name=spec.name)
     finally:

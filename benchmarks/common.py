@@ -23,6 +23,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from flux_ir.sampling import PromptEmbeddings, SamplingOptions, generate  # noqa: E402
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -157,15 +159,21 @@ def pipeline(model: str, smoke: bool):
     return load_pipeline(model, device="cuda", dtype=torch.bfloat16, weights="random")
 
 
-def generate_latents(pipe, prompt_embeds, pooled, size: int, steps: int):
-    """One seeded generation from precomputed prompt embeddings to packed latents (no text encoders, no VAE)."""
-    return pipe(
-        prompt_embeds=prompt_embeds,
-        pooled_prompt_embeds=pooled,
-        height=size,
+def sampling_options(size: int, steps: int, max_sequence_length: int) -> SamplingOptions:
+    """The benchmarks' generation: "a photo of a cat", `size`² pixels, `steps` steps, no true CFG
+    (guidance 3.5 where the model has a guidance embedding: `generate`'s default)."""
+    return SamplingOptions(
+        prompt="a photo of a cat",
         width=size,
-        num_inference_steps=steps,
-        guidance_scale=3.5,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(0),
+        height=size,
+        num_steps=steps,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def generate_latents(pipe, opts: SamplingOptions, embeddings: PromptEmbeddings, batch: int = 1):
+    """One seeded generation of `batch` images from precomputed prompt embeddings to packed
+    latents (no text encoders, no VAE)."""
+    return generate(
+        pipe, opts, seed=0, embeddings=embeddings, num_images=batch, output_type="latent"
     )

@@ -1,25 +1,30 @@
 """flux-ir: look inside FLUX.1 diffusion transformers.
 
     import flux_ir
-    pipe, spec = flux_ir.load_pipeline("flux-tiny")
-    opts = flux_ir.GenerationOptions("a photo of a cat", width=256, height=256, num_steps=4, seed=1)
+    pipe, spec = flux_ir.load_pipeline("flux-toy")
+    opts = flux_ir.CaptureOptions.from_spec(spec, seed=1, prompt="a red circle on a blue background")
     images, cap = flux_ir.run_capture(pipe, opts, model_name=spec.name)
-    cap["single", 37, 3]                        # a block's output at a step
-    cap = flux_ir.load_capture("capture_....pt")
+    cap["single", 7, 3]                         # a block's output at a step: [B, L + N, D]
+    flux_ir.save_capture(cap, "capture.pt")
+    cap = flux_ir.load_capture("capture.pt")    # memory-mapped, no pickled code runs
 
-models → capture → store → lens → plots: load a pipeline, record every block at every denoising
-step, save the capture, decode each block as if it were the final prediction.
+models → sampling → capture → store → lens → sweep → analysis → plots: load a pipeline, sample from
+it, record every block at every denoising step, save the capture, decode each block as if it were the
+final prediction, sweep latent grids.
 """
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from flux_ir.version import __version__
 
 _EXPORTS = {
     "load_pipeline": "flux_ir.models",
     "build_tiny_pipeline": "flux_ir.models",
     "build_random_pipeline": "flux_ir.models",
-    "GenerationOptions": "flux_ir.capture",
+    "SamplingOptions": "flux_ir.sampling",
+    "generate": "flux_ir.sampling",
+    "CaptureOptions": "flux_ir.capture",
+    "Selection": "flux_ir.capture",
     "BlockTrace": "flux_ir.capture",
     "Capture": "flux_ir.capture",
     "run_capture": "flux_ir.capture",
@@ -27,6 +32,8 @@ _EXPORTS = {
     "save_capture": "flux_ir.store",
     "LensHead": "flux_ir.lens",
     "decode_capture": "flux_ir.lens",
+    "SweepConfig": "flux_ir.sweep",
+    "run_sweep": "flux_ir.sweep",
 }
 __all__ = ["__version__", *_EXPORTS]
 

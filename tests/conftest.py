@@ -6,23 +6,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 
 import pytest  # noqa: E402
 
-from flux_ir.capture import GenerationOptions, run_capture  # noqa: E402
+from flux_ir.capture import CaptureOptions, run_capture  # noqa: E402
 from flux_ir.models import load_pipeline  # noqa: E402
+from flux_ir.sampling import SamplingOptions  # noqa: E402
 
 SIZE = 64  # 64x64 pixels -> 8x8 latents -> 16 packed tokens
 
 
-def small_opts(**kw) -> GenerationOptions:
+def small_sampling(**kw) -> SamplingOptions:
     base = dict(
-        prompt="a photo of a cat",
-        width=SIZE,
-        height=SIZE,
-        num_steps=4,
-        seed=1,
-        max_sequence_length=32,
+        prompt="a photo of a cat", width=SIZE, height=SIZE, num_steps=4, max_sequence_length=32
     )
     base.update(kw)
-    return GenerationOptions(**base)
+    return SamplingOptions(**base)
+
+
+def small_opts(seed: int = 1, num_images: int = 1, **kw) -> CaptureOptions:
+    """flux-tiny at 64x64, 4 steps, T5 length 32; `kw` overrides sampling settings."""
+    return CaptureOptions(small_sampling(**kw), seed=seed, num_images=num_images)
 
 
 @pytest.fixture(scope="session")

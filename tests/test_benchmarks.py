@@ -32,5 +32,5 @@ def test_hook_path_smoke_reports_every_copier(tmp_path, monkeypatch):
     __import__("bench_hook_path").main()
     rows = json.loads((tmp_path / "hook_path.json").read_text())["rows"]
     names = [r["copier"] for r in rows]
-    assert names == ["null", "sync", "async_pinned", "async_fresh"]
+    assert names == ["null", "sync", "async_pinned", "async_pageable"]
     assert all(r["us_per_hook"] > 0 for r in rows)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from flux_ir.capture import BlockTrace, run_capture
+from flux_ir.capture import BlockTrace, Selection, run_capture
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.sampling import generate
 
 from .conftest import SIZE, small_opts
 
@@ -35,22 +36,14 @@ def test_schema_and_counts(tiny, tiny_capture):
 
 def test_single_block_tensor_is_txt_then_img(tiny):
     pipe, _ = tiny
-    trace = BlockTrace(pipe.transformer, double_blocks=[], single_blocks=[0])
-    with trace, torch.inference_mode():
-        pipe(
-            "x",
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=1,
-            max_sequence_length=32,
-            guidance_scale=3.5,
-            generator=torch.Generator().manual_seed(1),
-        )
+    only_single_0 = Selection(double_blocks=(), single_blocks=(0,))
+    trace = BlockTrace(pipe.transformer, only_single_0)
+    opts = small_opts(num_steps=1, prompt="x")
+    with trace:
+        generate(pipe, opts.sampling, seed=opts.seed)
     joint = trace.records["cond"].single[0][0]
     assert joint.shape[1] == 32 + N_TOKENS  # one [txt; img] tensor, copied without a cat
-    _, cap = run_capture(
-        pipe, small_opts(num_steps=1, prompt="x"), single_blocks=[0], double_blocks=[]
-    )
+    _, cap = run_capture(pipe, opts, selection=only_single_0)
     assert torch.equal(cap["single", 0, 0], joint)
     assert torch.equal(cap.text_tokens("single", 0, 0), joint[:, :32])
     assert torch.equal(cap.image_tokens("single", 0, 0), joint[:, 32:])
@@ -100,7 +93,9 @@ def test_same_seed_gives_identical_capture(tiny, tiny_capture):
     _, ref = tiny_capture
     for k, steps in ref.single_blocks.items():
         assert all(torch.equal(a, b) for a, b in zip(steps, again.single_blocks[k]))
-    _, other = run_capture(pipe, small_opts(seed=2), single_blocks=[0], double_blocks=[])
+    _, other = run_capture(
+        pipe, small_opts(seed=2), selection=Selection(double_blocks=(), single_blocks=(0,))
+    )
     assert not torch.equal(other["single", 0, 0], ref["single", 0, 0])
 
 
@@ -126,7 +121,8 @@ def test_true_cfg_passes_are_kept_apart(tiny_capture, cfg_capture):
 
 def test_selected_blocks_and_steps(tiny):
     pipe, _ = tiny
-    _, cap = run_capture(pipe, small_opts(), double_blocks=[1], single_blocks=[0, 2], steps=[0, 3])
+    sel = Selection(double_blocks=(1,), single_blocks=(0, 2), steps=(0, 3))
+    _, cap = run_capture(pipe, small_opts(), selection=sel)
     assert sorted(cap.double_blocks) == ["block_1"] and sorted(cap.single_blocks) == [
         "block_0",
         "block_2",
@@ -155,19 +151,25 @@ def test_hooks_are_removed_after_an_exception(tiny):
 
 def test_block_index_out_of_range(tiny):
     pipe, _ = tiny
-    with pytest.raises(ValueError, match="has 4 single blocks"):
-        BlockTrace(pipe.transformer, single_blocks=[9])
+    with pytest.raises(InvalidArgumentError, match="single_blocks: 9 out of range; there are 4"):
+        BlockTrace(pipe.transformer, Selection(single_blocks=(9,)))
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(width=100), "multiple of 16"),
-        (dict(height=0), "multiple of 16"),
-        (dict(num_steps=0), "num_steps"),
-        (dict(true_cfg_scale=0.5), "true_cfg_scale"),
+        (dict(width=100), "^width must be a positive multiple of 16"),
+        (dict(height=0), "^height must be a positive integer"),
+        (dict(num_steps=0), "^num_steps must be a positive integer"),
+        (dict(true_cfg_scale=0.5), "^true_cfg_scale must be >= 1"),
+        (dict(seed=2**64), "^seed must lie between"),
+        (dict(num_images=0), "^num_images must be >= 1"),
+        (dict(prompt=1984), "^prompt must be text"),
+        (dict(guidance="abc"), "^guidance must be a finite number"),
+        (dict(max_sequence_length=513), "^max_sequence_length must be at most 512"),
     ],
 )
-def test_bad_generation_options(kwargs, message):
-    with pytest.raises(InvalidArgumentError, match=message):
+def test_bad_capture_options_name_the_parameter(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message) as err:
         small_opts(**kwargs)
+    assert err.value.param == next(iter(kwargs))

@@ -105,8 +105,11 @@ def test_decode_command_from_a_saved_capture(tmp_path):
     (cap,) = _run_dir(tmp_path).glob("intermediates/capture_*.pt")
     out = tmp_path / "lens"
     assert main(["decode", str(cap), "--target", "next", "--output_dir", str(out)]) == 0
-    assert len(list((out / "decoded").glob("*.jpg"))) == (2 + 4) * 2
+    assert len(list((out / "decoded_next").glob("*.jpg"))) == (2 + 4) * 2
     assert (out / "mosaic_next.jpg").is_file()
+    assert main(["decode", str(cap), "--output_dir", str(out)]) == 0  # x0 beside, not over, next
+    assert len(list((out / "decoded").glob("*.jpg"))) == (2 + 4) * 2
+    assert len(list((out / "decoded_next").glob("*.jpg"))) == (2 + 4) * 2
 
 
 @pytest.mark.parametrize(
@@ -115,20 +118,19 @@ def test_decode_command_from_a_saved_capture(tmp_path):
         (["--width", "100"], "--width must be a positive multiple of 16"),
         (["--height", "250"], "--height must be a positive multiple of 16"),
         (["--num_steps", "0"], "--num_steps must be a positive integer"),
-        (["--model", "flux-ultra"], "unknown model 'flux-ultra'"),
-        (["--decode_target", "eps"], "unknown decode target 'eps'"),
-        (["--offload", "sideways"], "unknown offload mode 'sideways'"),
-        (["--weights", "zeros"], "unknown --weights 'zeros'"),
-        (["--copy", "lazy"], "--copy 'lazy': choose one of sync, async, pinned"),
+        (["--model", "flux-ultra"], "--model 'flux-ultra' is unknown; choose one of flux-schnell"),
+        (["--decode_target", "eps"], "--decode_target 'eps' is unknown; choose one of x0, next"),
+        (["--offload", "sideways"], "--offload 'sideways' is unknown; use one of none, model"),
+        (["--weights", "zeros"], "--weights 'zeros' is unknown; use one of pretrained, random"),
+        (["--copy", "lazy"], "--copy 'lazy': choose one of pageable, pinned, sync"),
     ],
 )
 def test_bad_input_fails_before_any_model_loads(args, message, tmp_path, capsys, monkeypatch):
-    import flux_ir.cli.capture as cli_capture
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded despite bad input")
 
-    monkeypatch.setattr(cli_capture, "load_pipeline", no_loading)
+    monkeypatch.setattr("flux_ir.models.load_pipeline", no_loading)
     code = main(["capture", "--model", "flux-tiny", "--output_dir", str(tmp_path), *args])
     assert code == 2
     err = capsys.readouterr().err

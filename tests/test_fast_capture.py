@@ -13,6 +13,7 @@ from flux_ir.capture.copy import (
     make_copier,
     slab_layout,
 )
+from flux_ir.errors import InvalidArgumentError
 
 from .conftest import small_opts
 
@@ -38,10 +39,10 @@ def test_async_copier_on_cpu_matches_sync(tiny, tiny_capture):
     assert_same_capture(cap, tiny_capture[1])
 
 
-@pytest.mark.parametrize("dest", ["pinned", "fresh"])
+@pytest.mark.parametrize("dest", ["pinned", "pageable"])
 def test_every_host_destination_matches_sync(tiny, tiny_capture, dest):
     pipe, spec = tiny
-    # small chunks and a tiny pinned budget: tensors spread over chunks, then fresh tensors
+    # small chunks and a tiny pinned budget: tensors spread over chunks, then pageable tensors
     copier = AsyncCopier(group_bytes=4096, dest=dest, pinned_bytes=1 << 16, chunk_bytes=1 << 16)
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name, copier=copier)
     copier.close()
@@ -74,7 +75,7 @@ def test_pinned_budget_is_returned_when_carved_tensors_are_dropped():
     source.close()
 
 
-def test_copies_beyond_the_pinned_budget_go_to_fresh_tensors_with_the_same_values():
+def test_copies_beyond_the_pinned_budget_go_to_pageable_tensors_with_the_same_values():
     copier = AsyncCopier(dest="pinned", pinned_bytes=1 << 20, chunk_bytes=1 << 20)
     srcs = [torch.randn(64, 1024) for _ in range(6)]  # 256 KiB each: 1.5 MiB in all
     outs = [copier.copy(s) for s in srcs]
@@ -83,13 +84,13 @@ def test_copies_beyond_the_pinned_budget_go_to_fresh_tensors_with_the_same_value
     carved = [0 <= o.data_ptr() - base < 1 << 20 for o in outs]
     assert (
         carved == [True] * 4 + [False] * 2
-    )  # one 1 MiB chunk fills the budget, then fresh tensors
+    )  # one 1 MiB chunk fills the budget, then pageable tensors
     assert copier.chunks.live_pinned == 1 << 20
     assert all(torch.equal(o, s) for o, s in zip(outs, srcs))
     copier.close()
 
 
-@pytest.mark.parametrize("dest", ["pinned", "fresh"])
+@pytest.mark.parametrize("dest", ["pinned", "pageable"])
 def test_storage_dtype_is_applied_before_the_copy(dest):
     copier = AsyncCopier(torch.float16, dest=dest, pinned_bytes=1 << 20, chunk_bytes=1 << 20)
     src = torch.randn(4, 7).t()  # not contiguous
@@ -102,10 +103,12 @@ def test_storage_dtype_is_applied_before_the_copy(dest):
 
 def test_command_line_copiers_map_to_their_host_destinations():
     assert isinstance(make_copier("sync"), SyncCopier)
-    assert make_copier("async").dest == "fresh"  # one capture per process: no page-locking
+    assert make_copier("pageable").dest == "pageable"  # one capture per process: no page-locking
     assert make_copier("pinned").dest == "pinned"
-    with pytest.raises(ValueError, match="sync, async, pinned"):
-        make_copier("lazy")
+    with pytest.raises(
+        InvalidArgumentError, match="^copy 'async': choose one of pageable, pinned, sync"
+    ):
+        make_copier("async")
 
 
 def test_staged_copies_pack_into_the_slab_aligned_and_drain_back():
@@ -127,16 +130,18 @@ def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
 
 
 @cuda
-@pytest.mark.parametrize("dest", ["pinned", "fresh"])
+@pytest.mark.parametrize("dest", ["pinned", "pageable"])
 def test_async_copier_on_cuda_matches_sync(dest):
     torch.manual_seed(0)
     xs = [torch.randn(2, 300 + i, 64, device="cuda", dtype=torch.bfloat16) for i in range(40)]
-    copier = AsyncCopier(  # forces slab reuse, several chunks, then fresh tensors past the budget
-        group_bytes=200_000,
-        pool_bytes=1 << 20,
-        dest=dest,
-        pinned_bytes=1 << 20,
-        chunk_bytes=1 << 19,
+    copier = (
+        AsyncCopier(  # forces slab reuse, several chunks, then pageable tensors past the budget
+            group_bytes=200_000,
+            pool_bytes=1 << 20,
+            dest=dest,
+            pinned_bytes=1 << 20,
+            chunk_bytes=1 << 19,
+        )
     )
     outs = [copier.copy(x) for x in xs]
     copier.synchronize()

@@ -9,6 +9,7 @@ from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens import (
     BlockStep,
     LensHead,
+    LensOptions,
     block_latents,
     block_steps,
     decode_capture,
@@ -66,8 +67,12 @@ def test_targets_follow_their_formulas():
     v, x = torch.randn(1, 4, 64), torch.randn(1, 4, 64)
     torch.testing.assert_close(lens_latents(v, x, 0.8, 0.6, "x0"), x - 0.8 * v)
     torch.testing.assert_close(lens_latents(v, x, 0.8, 0.6, "next"), x + (0.6 - 0.8) * v)
-    with pytest.raises(InvalidArgumentError, match="x0, next"):
+    with pytest.raises(KeyError, match="'eps' is neither x0 nor next"):
         lens_latents(v, x, 0.8, 0.6, "eps")
+    with pytest.raises(
+        InvalidArgumentError, match="^target 'eps' is unknown; choose one of x0, next"
+    ):
+        LensOptions("eps")
 
 
 def test_x0_and_next_agree_at_the_last_step(tiny, tiny_capture):

@@ -36,10 +36,11 @@ def test_index_syntax():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(streams="pixels"), "--streams"),
-        (dict(dtype="int8"), "--store_dtype"),
-        (dict(reduce="max"), "--reduce"),
-        (dict(steps="3-1"), "runs backwards"),
+        (dict(streams="pixels"), "^streams 'pixels': choose one of both, img, txt"),
+        (dict(store_dtype="int8"), "^store_dtype 'int8': choose one of"),
+        (dict(reduce="max"), "^reduce 'max': use 'mean' or 'poolK'"),
+        (dict(steps="3-1"), "^steps: range '3-1' runs backwards"),
+        (dict(single_blocks="0-100000000000"), "^single_blocks: .* reaches past 100000"),
     ],
 )
 def test_bad_selection_is_refused(kwargs, message):
@@ -59,7 +60,7 @@ def test_selected_blocks_and_steps(tiny, tiny_capture):
 
 
 def test_out_of_range_step_names_the_count(tiny):
-    with pytest.raises(InvalidArgumentError, match="has 4 steps"):
+    with pytest.raises(InvalidArgumentError, match="^steps: 7 out of range; there are 4 steps"):
         run_capture(tiny[0], small_opts(), selection=Selection.parse(steps="7"))
 
 
@@ -67,7 +68,7 @@ def test_streams_and_dtype_scale_bytes(tiny, tiny_capture):
     pipe, _ = tiny
     full = tiny_capture[1]
     _, img = run_capture(pipe, small_opts(), selection=Selection.parse(streams="img"))
-    _, half = run_capture(pipe, small_opts(), selection=Selection.parse(dtype="float16"))
+    _, half = run_capture(pipe, small_opts(), selection=Selection.parse(store_dtype="float16"))
     assert nbytes(half) * 2 == nbytes(full)
     txt_len = 32
     assert nbytes(img) * (txt_len + N_TOKENS) == nbytes(full) * N_TOKENS
@@ -115,4 +116,4 @@ def test_cli_selective_shards_capture(tmp_path):
 
 def test_cli_refuses_decoding_text_only_before_loading(capsys):
     code = main("capture --model flux-tiny --streams txt".split())
-    assert code == 2 and "--should_decode_intermediates False" in capsys.readouterr().err
+    assert code == 2 and "turn --should_decode_intermediates off" in capsys.readouterr().err

@@ -71,25 +71,24 @@ def test_preset_sets_the_papers_prompts(tmp_path):
         (["--beta", "0.5,0.5"], "--beta interval 0.5,0.5 is empty"),
         (["--n_alpha", "0"], "--n_alpha must be a positive integer"),
         (["--batch_size", "0"], "--batch_size must be a positive integer"),
-        (["--normalisation", "sphere"], "unknown normalisation 'sphere'"),
+        (["--normalisation", "sphere"], "--normalisation 'sphere' is unknown"),
         (["--width", "100"], "--width must be a positive multiple of 16"),
         (["--seeds", "1,2"], "--seeds must be three integers"),
-        (["--preset", "paper"], "unknown preset 'paper'"),
+        (["--preset", "paper"], "--preset 'paper' is unknown; choose one of hessian-paper"),
         (["--phases", "--phase_pool", "3"], "--phase_pool must be a positive integer dividing"),
         (
             ["--phase_images", "32"],
-            "--phase_images must be a thumbnail size >= 8 and needs --phases",
+            "--phase_images needs --phases",
         ),
-        (["--model", "flux-ultra"], "unknown model 'flux-ultra'"),
+        (["--model", "flux-ultra"], "--model 'flux-ultra' is unknown"),
     ],
 )
 def test_bad_input_fails_before_any_model_loads(args, message, tmp_path, capsys, monkeypatch):
-    import flux_ir.cli.sweep as cli_sweep
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded despite bad input")
 
-    monkeypatch.setattr(cli_sweep, "load_pipeline", no_loading)
+    monkeypatch.setattr("flux_ir.models.load_pipeline", no_loading)
     code = main(["sweep", *TINY, "--output_dir", str(tmp_path / "s"), *args])
     assert code == 2
     err = capsys.readouterr().err
@@ -97,13 +96,12 @@ def test_bad_input_fails_before_any_model_loads(args, message, tmp_path, capsys,
 
 
 def test_a_different_sweep_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import flux_ir.cli.sweep as cli_sweep
 
     out = tmp_path / "s"
     assert (
         main(["sweep", *TINY, "--n_alpha", "1", "--output_dir", str(out), "--progress=False"]) == 0
     )
-    monkeypatch.setattr(cli_sweep, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("flux_ir.models.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["sweep", *TINY, "--n_alpha", "2", "--output_dir", str(out)]) == 2
     assert "holds a different sweep (differs in: grid)" in capsys.readouterr().err
 
@@ -117,7 +115,10 @@ def test_unwritable_output_dir_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--embedder", "dino"], "unknown embedder 'dino'"), ([], "is not a sweep directory")],
+    [
+        (["--embedder", "dino"], "--embedder 'dino' is unknown; choose one of clip"),
+        ([], "is not a sweep directory"),
+    ],
 )
 def test_analyze_refuses_bad_input(args, message, tmp_path, capsys):
     assert main(["analyze", str(tmp_path), *args]) == 2
@@ -125,10 +126,10 @@ def test_analyze_refuses_bad_input(args, message, tmp_path, capsys):
 
 
 def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
-    import flux_ir.sweep.generate as generate_mod
+    import flux_ir.sweep.run as run_mod
 
     out = tmp_path / "s"
-    real, calls = generate_mod.generate_batch, {"n": 0}
+    real, calls = run_mod.generate_batch, {"n": 0}
 
     def stop_after_one_batch(*a, **k):
         calls["n"] += 1
@@ -136,7 +137,7 @@ def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(generate_mod, "generate_batch", stop_after_one_batch)
+    monkeypatch.setattr(run_mod, "generate_batch", stop_after_one_batch)
     args = ["sweep", *TINY, "--n_alpha", "2", "--batch_size", "3", "--output_dir", str(out)]
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--progress=False"])

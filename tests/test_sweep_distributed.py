@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flux_ir.models import resolve_model
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
 from tests.test_sweep_generate import assert_same_images, pixels
 
@@ -31,8 +32,8 @@ def test_two_processes_write_disjoint_shards_equal_to_one_process(tiny, tmp_path
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["complete"] and meta["processes"] == 2 and len(meta["points"]) == 6
 
-    cfg = SweepConfig(
-        model="flux-tiny", width=32, height=32, num_steps=2, max_sequence_length=32, guidance=3.5,
+    cfg = SweepConfig.from_spec(
+        resolve_model("flux-tiny"), width=32, height=32, num_steps=2,
         grid=GridSpec(n_alpha=2, n_beta=3), dtype="float32",
     )  # fmt: skip
     one = tmp_path / "one"

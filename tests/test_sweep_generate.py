@@ -8,26 +8,23 @@ import pytest
 import torch
 from PIL import Image
 
-import flux_ir.sweep.generate as generate_mod
+import flux_ir.sweep.run as run_mod
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.geometry import pack_latents, unpack_latents
+from flux_ir.models import resolve_model
+from flux_ir.sampling import encode_prompt
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
-from flux_ir.sweep.generate import encode_conditioning, generate_batch, pack
+from flux_ir.sweep.generate import generate_batch
 from flux_ir.sweep.grid import grid_latents, vertex_latents
 
 SIZE = 32  # 32x32 pixels -> 4x4 latents -> 4 packed tokens
 
 
 def small_cfg(**kw) -> SweepConfig:
-    base = dict(
-        model="flux-tiny",
-        width=SIZE,
-        height=SIZE,
-        num_steps=2,
-        max_sequence_length=32,
-        grid=GridSpec(n_alpha=2, n_beta=3),
-    )
+    """flux-tiny's defaults at 32x32 with 2 steps; `kw` overrides grid or sampling settings."""
+    base = dict(width=SIZE, height=SIZE, num_steps=2, grid=GridSpec(n_alpha=2, n_beta=3))
     base.update(kw)
-    return SweepConfig(**base)
+    return SweepConfig.from_spec(resolve_model("flux-tiny"), **base)
 
 
 def pixels(directory) -> dict[str, np.ndarray]:
@@ -116,12 +113,12 @@ def test_a_finished_sweep_does_not_even_encode_the_prompt(tiny, swept, monkeypat
     def no_encoding(*a, **k):
         raise AssertionError("the prompt was encoded although every point is done")
 
-    monkeypatch.setattr(generate_mod, "encode_conditioning", no_encoding)
+    monkeypatch.setattr(run_mod, "encode_prompt", no_encoding)
     assert run_sweep(tiny[0], small_cfg(), swept, batch_size=4, progress=False).generated == 0
 
 
 def test_an_interrupted_sweep_keeps_its_finished_batches(tiny, tmp_path, monkeypatch):
-    real = generate_mod.generate_batch
+    real = run_mod.generate_batch
     calls = {"n": 0}
 
     def crash_on_second_batch(*a, **k):
@@ -130,13 +127,13 @@ def test_an_interrupted_sweep_keeps_its_finished_batches(tiny, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(generate_mod, "generate_batch", crash_on_second_batch)
+    monkeypatch.setattr(run_mod, "generate_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny[0], small_cfg(), tmp_path, batch_size=2, progress=False)
     assert len(list((tmp_path / "images").glob("*.png"))) == 2
     part = pd.read_csv(tmp_path / "parts" / "points.rank0.csv")
     assert sorted(part["index"]) == [0, 1]
-    monkeypatch.setattr(generate_mod, "generate_batch", real)
+    monkeypatch.setattr(run_mod, "generate_batch", real)
     result = run_sweep(tiny[0], small_cfg(), tmp_path, batch_size=2, progress=False)
     assert (result.generated, result.skipped) == (4, 2)
 
@@ -152,7 +149,7 @@ def test_a_different_sweep_in_the_same_directory_is_refused(tiny, swept):
 def test_prompt_embeddings_equal_the_pipelines_own_encoding(tiny):
     pipe = tiny[0]
     cfg = small_cfg(negative_prompt="blurry, ugly", true_cfg_scale=3.0)
-    cond = encode_conditioning(pipe, cfg)
+    cond = encode_prompt(pipe, cfg.sampling)
     own, pooled, _ = pipe.encode_prompt("blurry, ugly", prompt_2=None, max_sequence_length=32)
     assert torch.equal(cond.negative_prompt_embeds, own) and torch.equal(
         cond.negative_pooled_prompt_embeds, pooled
@@ -176,16 +173,16 @@ def test_per_step_x0_matches_the_transformer_and_ends_at_the_final_latents(tiny)
         lambda m, a, out: velocities.append(out[0].clone())
     )
     try:
-        _, x0 = generate_batch(pipe, cfg, encode_conditioning(pipe, cfg), z, phase_pool=1)
+        _, x0 = generate_batch(pipe, cfg, encode_prompt(pipe, cfg.sampling), z, phase_pool=1)
     finally:
         handle.remove()
     assert x0.shape == (2, 2, 16, 4, 4)
     sigma0 = float(pipe.scheduler.sigmas[0])
-    expected0 = pipe._unpack_latents(pack(z) - sigma0 * velocities[0], SIZE, SIZE, 8)
+    expected0 = unpack_latents(pack_latents(z) - sigma0 * velocities[0], SIZE, SIZE)
     assert torch.allclose(x0[:, 0], expected0, atol=1e-5)
     final = pipe(
-        **encode_conditioning(pipe, cfg).repeat(2),
-        latents=pack(z),
+        **encode_prompt(pipe, cfg.sampling).repeat(2),
+        latents=pack_latents(z),
         width=SIZE,
         height=SIZE,
         num_inference_steps=2,
@@ -200,7 +197,7 @@ def test_phases_are_kept_per_point_with_a_fixed_pooling(tiny, tmp_path):
     run_sweep(tiny[0], cfg, tmp_path, batch_size=4, phase_pool=2, progress=False)
     phase = np.load(tmp_path / "phases" / "a001_b001.npy", allow_pickle=False)
     assert phase.shape == (2, 16, 2, 2) and phase.dtype == np.float16
-    with pytest.raises(InvalidArgumentError, match="resume with --phase_pool 2"):
+    with pytest.raises(InvalidArgumentError, match="resume with phase_pool 2"):
         run_sweep(tiny[0], cfg, tmp_path, batch_size=4, phase_pool=1, progress=False)
 
 
@@ -220,8 +217,8 @@ def test_sweep_images_are_exactly_the_pipelines_own_output(tiny, swept):
     points = cfg.grid.points()[:4]  # the fixture's first batch
     z, _, _ = grid_latents(vertex_latents(cfg.seeds, SIZE, SIZE), cfg.grid, points)
     own = pipe(
-        **encode_conditioning(pipe, cfg).repeat(4),
-        latents=pack(z),
+        **encode_prompt(pipe, cfg.sampling).repeat(4),
+        latents=pack_latents(z),
         width=SIZE,
         height=SIZE,
         num_inference_steps=2,

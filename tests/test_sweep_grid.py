@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.models import resolve_model
 from flux_ir.sweep import (
     GridSpec,
     SweepConfig,
@@ -89,12 +90,12 @@ def test_normalise_is_per_latent_and_independent_of_batch_companions(vertices):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(alpha=(1, 1)), "--alpha interval 1.0,1.0 is empty"),
-        (dict(beta="2,1"), "--beta interval 2.0,1.0 is empty"),
-        (dict(alpha="0"), "--alpha must be two numbers"),
-        (dict(n_alpha=0), "--n_alpha must be a positive integer"),
-        (dict(n_beta=2.5), "--n_beta must be a positive integer"),
-        (dict(normalisation="sphere"), "unknown normalisation 'sphere'"),
+        (dict(alpha=(1, 1)), "^alpha interval 1.0,1.0 is empty"),
+        (dict(beta="2,1"), "^beta interval 2.0,1.0 is empty"),
+        (dict(alpha="0"), "^alpha must be two numbers"),
+        (dict(n_alpha=0), "^n_alpha must be a positive integer"),
+        (dict(n_beta=2.5), "^n_beta must be a positive integer"),
+        (dict(normalisation="sphere"), "^normalisation 'sphere' is unknown"),
     ],
 )
 def test_bad_grid_settings_are_refused(kwargs, message):
@@ -103,25 +104,31 @@ def test_bad_grid_settings_are_refused(kwargs, message):
 
 
 def test_sweep_settings_round_trip_through_their_signature():
-    cfg = SweepConfig.from_preset(
-        "hessian-paper", model="flux-tiny", width=64, height=64, grid=GridSpec(n_alpha=3)
+    cfg = SweepConfig.from_spec(
+        resolve_model("flux-tiny"),
+        preset="hessian-paper",
+        width=64,
+        height=64,
+        grid=GridSpec(n_alpha=3),
     )
-    assert cfg.true_cfg and cfg.negative_prompt == "blurry, ugly, stock photo"
+    assert cfg.sampling.true_cfg and cfg.sampling.negative_prompt == "blurry, ugly, stock photo"
     assert SweepConfig.from_signature(cfg.signature()) == cfg
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(width=100), "--width must be a positive multiple of 16"),
-        (dict(seeds=(1, 2)), "--seeds must be three integers"),
-        (dict(num_steps=0), "--num_steps must be a positive integer"),
-        (dict(true_cfg_scale=0.5), "--true_cfg_scale must be >= 1"),
+        (dict(width=100), "^width must be a positive multiple of 16"),
+        (dict(seeds=(1, 2)), "^seeds must be three integers"),
+        (dict(num_steps=0), "^num_steps must be a positive integer"),
+        (dict(true_cfg_scale=0.5), "^true_cfg_scale must be >= 1"),
+        (dict(preset="paper"), "^preset 'paper' is unknown"),
     ],
 )
 def test_bad_sweep_settings_are_refused(kwargs, message):
-    with pytest.raises(InvalidArgumentError, match=message):
-        SweepConfig(**kwargs)
+    with pytest.raises(InvalidArgumentError, match=message) as err:
+        SweepConfig.from_spec(resolve_model("flux-tiny"), **kwargs)
+    assert err.value.param == next(iter(kwargs))
 
 
 def test_lerp_path_ends_at_the_latents_directions_on_the_annulus(vertices):
@@ -154,7 +161,7 @@ def test_vertices_from_a_file_replace_the_seeded_ones(vertices, tmp_path):
 
     path = tmp_path / "v.npy"
     np.save(path, (vertices * 2).numpy())
-    cfg = SweepConfig(width=64, height=64, vertices=str(path))
+    cfg = SweepConfig.from_spec(resolve_model("flux-tiny"), width=64, height=64, vertices=str(path))
     assert torch.equal(cfg.vertex_latents(), vertices * 2)
     assert cfg.signature()["vertices_sha256"] and "vertices" not in cfg.signature()
 
@@ -165,4 +172,4 @@ def test_vertices_of_the_wrong_shape_are_refused(vertices, tmp_path):
     path = tmp_path / "v.npy"
     np.save(path, vertices.numpy())
     with pytest.raises(InvalidArgumentError, match="a 128x128 sweep needs \\(3, 16, 16, 16\\)"):
-        SweepConfig(width=128, height=128, vertices=str(path))
+        SweepConfig.from_spec(resolve_model("flux-tiny"), width=128, height=128, vertices=str(path))

@@ -9,6 +9,7 @@ import torch
 
 from flux_ir.cli import main
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.models import resolve_model
 from flux_ir.sweep import GridSpec, SweepConfig, path_latents, slerp_path, vertex_latents
 
 TINY = ["--model", "flux-tiny", "--width", "32", "--height", "32", "--num_steps", "2"]
@@ -36,8 +37,12 @@ def test_a_path_points_latent_does_not_depend_on_its_batch():
 
 def test_a_grid_signature_is_unchanged_by_paths():
     assert "path" not in GridSpec().to_dict()  # sweeps made before paths existed still resume
-    assert SweepConfig(grid=GridSpec(n_alpha=3, n_beta=1, path="lerp")).seeds == (0, 123)
-    assert SweepConfig().seeds == (0, 123, 200)
+    tiny = resolve_model("flux-tiny")
+    assert SweepConfig.from_spec(tiny, grid=GridSpec(n_alpha=3, n_beta=1, path="lerp")).seeds == (
+        0,
+        123,
+    )
+    assert SweepConfig.from_spec(tiny).seeds == (0, 123, 200)
 
 
 def test_path_sweep_writes_a_column_of_images_resumes_and_analyses(tmp_path, capsys):
@@ -69,7 +74,7 @@ def test_path_sweep_writes_a_column_of_images_resumes_and_analyses(tmp_path, cap
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--path", "bezier"], "unknown path 'bezier'; choose one of lerp, slerp"),
+        (["--path", "bezier"], "--path 'bezier' is unknown; choose one of lerp, slerp"),
         (["--points", "5"], "--points needs --path lerp|slerp"),
         (["--path", "lerp", "--points", "1"], "--points must be an integer >= 2"),
         (["--path", "slerp", "--n_alpha", "5"], "a path takes --points N, not --n_alpha/--n_beta"),
@@ -82,9 +87,8 @@ def test_path_sweep_writes_a_column_of_images_resumes_and_analyses(tmp_path, cap
     ],
 )
 def test_bad_path_input_fails_before_any_model_loads(args, message, tmp_path, capsys, monkeypatch):
-    import flux_ir.cli.sweep as cli_sweep
 
-    monkeypatch.setattr(cli_sweep, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("flux_ir.models.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["sweep", *TINY, "--output_dir", str(tmp_path / "s"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -94,7 +98,8 @@ def test_path_vertices_file_needs_two_latents(tmp_path):
     three = tmp_path / "v.npy"
     np.save(three, np.zeros((3, 16, 4, 4), dtype=np.float32))
     with pytest.raises(InvalidArgumentError, match=r"needs \(2, 16, 4, 4\)"):
-        SweepConfig(
+        SweepConfig.from_spec(
+            resolve_model("flux-tiny"),
             width=32,
             height=32,
             vertices=str(three),

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import flux_ir.sweep.store as store_mod
-from flux_ir.store.png import encode_png, write_png
+from flux_ir.io.png import encode_png, write_png
+from flux_ir.models import resolve_model
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
 from flux_ir.sweep.store import SweepStore
 from flux_ir.sweep.writer import BackgroundWriter
@@ -126,8 +127,8 @@ def test_points_part_skips_a_cut_short_line_and_appends_on_a_new_line(tmp_path):
 
 
 def tiny_cfg(**kw) -> SweepConfig:
-    return SweepConfig(
-        model="flux-tiny", width=32, height=32, num_steps=2, max_sequence_length=32,
+    return SweepConfig.from_spec(
+        resolve_model("flux-tiny"), width=32, height=32, num_steps=2,
         grid=GridSpec(n_alpha=2, n_beta=3), **kw,
     )  # fmt: skip
 
@@ -148,9 +149,9 @@ def test_a_failing_image_write_stops_the_sweep_with_its_error(tiny, tmp_path, mo
 
 
 def test_an_interrupted_sweep_leaves_only_complete_pngs(tiny, tmp_path, monkeypatch):
-    import flux_ir.sweep.generate as generate_mod
+    import flux_ir.sweep.run as run_mod
 
-    real_write, real_generate = store_mod.write_png, generate_mod.generate_batch
+    real_write, real_generate = store_mod.write_png, run_mod.generate_batch
     calls = {"n": 0}
 
     def slow_write(path, pixels, level=6):
@@ -164,7 +165,7 @@ def test_an_interrupted_sweep_leaves_only_complete_pngs(tiny, tmp_path, monkeypa
         return real_generate(*a, **k)
 
     monkeypatch.setattr(store_mod, "write_png", slow_write)
-    monkeypatch.setattr(generate_mod, "generate_batch", interrupt_second_batch)
+    monkeypatch.setattr(run_mod, "generate_batch", interrupt_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny[0], tiny_cfg(), tmp_path, batch_size=2, progress=False)
     names = sorted(p.name for p in (tmp_path / "images").iterdir())

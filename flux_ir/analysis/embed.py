@@ -1,6 +1,5 @@
 """Image embeddings for the Lipschitz field: CLIP vision (transformers) or raw pixels; cached.
 
-    emb = ClipEmbedder.from_pretrained("openai/clip-vit-large-patch14", device="cuda")
     emb = ClipEmbedder.tiny()                 # miniature CLIP vision model built in code (tests)
     emb = PixelEmbedder(size=32)              # no weights: the image resized to 32x32, flattened
     vectors = embed_files(emb, paths, cache=sweep_dir / "embeddings" / f"{emb.name}.npz")   # [n, D]
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.store.atomic import atomic_path
+from flux_ir.io.atomic import atomic_path
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 EMBEDDERS = ("clip", "clip-tiny", "pixel")
@@ -134,7 +133,7 @@ def make_embedder(
 def check_embedder(kind: str) -> str:
     if kind not in EMBEDDERS:
         raise InvalidArgumentError(
-            f"unknown embedder {kind!r}; choose one of {', '.join(EMBEDDERS)}."
+            f"{{param}} {kind!r} is unknown; choose one of {', '.join(EMBEDDERS)}.", "embedder"
         )
     return kind
 

@@ -1,8 +1,9 @@
 """The Lipschitz field of a sweep: how fast the embedding changes between neighbouring grid points.
 
-    E = embedding_grid(vectors, rows, cols, n_alpha, n_beta)     # [n_alpha, n_beta, D], nan where missing
-    edges = lipschitz_edges(E, d_alpha, d_beta)                  # raw per-edge values
-    field = lipschitz_field(edges)                                # [n_alpha, n_beta]: mean over neighbours
+    vectors = np.random.default_rng(0).random((6, 8))       # embeddings of a 2 x 3 grid's points, [n, D]
+    E = embedding_grid(vectors, [0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2], 2, 3)  # [2, 3, D], nan where missing
+    edges = lipschitz_edges(E, 1.0, 0.5)                    # per edge, over d_alpha and d_beta
+    field = lipschitz_field(edges)                          # [2, 3]: mean over each cell's neighbours
 
 Along alpha, the edge between (i, j) and (i+1, j) is ||E[i+1, j] - E[i, j]|| / d_alpha; along beta,
 ||E[i, j+1] - E[i, j]|| / d_beta. A cell's value is the mean over its (up to four) edges, as in the

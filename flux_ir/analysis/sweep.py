@@ -1,6 +1,6 @@
 """Analyse a finished (or partial) sweep directory: embeddings, Lipschitz field, per-step phase maps.
 
-    result = analyze_sweep("output/sweep", PixelEmbedder())
+    result = analyze_sweep(sweep_dir, PixelEmbedder())   # a directory written by run_sweep
     result.field            # [n_alpha, n_beta] Lipschitz field of the final images
     result.phase_fields     # [steps, n_alpha, n_beta] of the per-step x0 latents, or None
 
@@ -21,7 +21,7 @@ import numpy as np
 from flux_ir.analysis.embed import Embedder, embed_files
 from flux_ir.analysis.lipschitz import Edges, embedding_grid, lipschitz_edges, lipschitz_field
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.store.atomic import atomic_path, write_text
+from flux_ir.io.atomic import atomic_path, write_text
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.store import SweepStore, phase_image_file
 
@@ -129,7 +129,7 @@ def phase_image_fields(
 ) -> np.ndarray | None:
     """Lipschitz field of the decoded x0 thumbnails at every step, embedded with `embedder`:
     [steps, n_alpha, n_beta], or None when the sweep kept no step images (`--phase_images`)."""
-    steps = cfg.num_steps
+    steps = cfg.sampling.num_steps
     points = [
         p for p in cfg.grid.points()
         if all((store.phases / phase_image_file(p, k)).is_file() for k in range(steps))

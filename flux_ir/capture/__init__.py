@@ -1,9 +1,9 @@
 """Capture: hooks on every FLUX block, and the `Capture` they produce."""
 
-from flux_ir.capture.copy import AsyncCopier, HostCopier, SyncCopier
-from flux_ir.capture.options import GenerationOptions
-from flux_ir.capture.result import Capture
+from flux_ir.capture.copy import AsyncCopier, HostCopier, SyncCopier, make_copier
+from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.run import run_capture
+from flux_ir.capture.schema import Capture
 from flux_ir.capture.select import Selection
 from flux_ir.capture.trace import BlockTrace
 
@@ -11,9 +11,10 @@ __all__ = [
     "AsyncCopier",
     "BlockTrace",
     "Capture",
-    "GenerationOptions",
+    "CaptureOptions",
     "HostCopier",
     "Selection",
     "SyncCopier",
+    "make_copier",
     "run_capture",
 ]

@@ -1,7 +1,8 @@
 """How block outputs reach host memory.
 
-A copier's `copy(t)` returns a host tensor that is valid after `synchronize()` (or after a `fence()`
-taken later is set). `flush()` hands what was queued so far to the device's copy engine.
+A copier (`HostCopier`) has four methods: `copy(t)` returns a host tensor that is valid after
+`synchronize()` (or once a `fence()` taken later is set); `flush()` hands what was queued so far to
+the device's copy engine; `fence()` returns an event set once every copy issued so far has landed.
 
 `SyncCopier` copies at once, blocking. `AsyncCopier` keeps the hook cheap: `copy` records the source
 tensor and returns its host tensor at once; every `group_bytes` of sources (or at `flush()`) it
@@ -10,9 +11,10 @@ wait for the events. Where the host tensors live (`dest`):
 
 - `"pinned"`: carved from page-locked chunks (prepared ahead by background threads), while their
   live total stays within `pinned_bytes`: the device copies straight into the returned tensors,
-  nothing is copied on the host. Beyond the budget, as `"fresh"`.
-- `"fresh"`: a new pageable tensor per copy; the device copies into a reused page-locked slab and a
-  background thread copies each tensor out of it (first-touch page faults happen in that thread).
+  nothing is copied on the host. Beyond the budget, as `"pageable"`.
+- `"pageable"`: a new ordinary (pageable) tensor per copy; the device copies into a reused
+  page-locked staging slab and a background thread copies each tensor out of it (first-touch page
+  faults happen in that thread).
 
 Every host tensor owns its own storage (`torch.save` writes it alone); a chunk returns to the pinned
 budget when the last tensor carved from it is dropped, so a streaming sink keeps host memory
@@ -35,14 +37,28 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from flux_ir.errors import InvalidArgumentError
+
 ALIGN = 256  # byte alignment of tensors inside slabs and chunks
 SLAB_ROUND = 32 << 20
-DESTS = ("pinned", "fresh")
+DESTS = ("pinned", "pageable")
 FIRST_CHUNK = 4 << 20
 
 
+class Event(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 class HostCopier(Protocol):
+    """How a trace's tensors reach host memory (module docstring)."""
+
     def copy(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def flush(self) -> None: ...
+
+    def fence(self) -> Event: ...
 
     def synchronize(self) -> None: ...
 
@@ -237,11 +253,11 @@ class AsyncCopier:
         dtype: storage dtype (cast on the device before the copy); None keeps the tensor's dtype.
         group_bytes: queued source bytes that trigger a flush (bounds the extra device memory held).
         pool_bytes: page-locked slab budget for groups in flight; also bounds the groups in flight.
-        dest: where host tensors live: "pinned" (default) or "fresh" (module docstring).
+        dest: where host tensors live: "pinned" (default) or "pageable" (module docstring).
         pinned_bytes: live page-locked capture memory allowed with `dest="pinned"` (default: a
-            quarter of the host's memory, at most 32 GiB); copies beyond it go to fresh tensors.
+            quarter of the host's memory, at most 32 GiB); copies beyond it go to pageable tensors.
         chunk_bytes: size of the host chunks tensors are carved from.
-        drain_threads: threads that wait for copies (and copy `"fresh"` tensors out of the slabs).
+        drain_threads: threads that wait for copies (and copy `"pageable"` tensors out of the slabs).
         chunk_threads: threads that page-lock chunks ahead of use.
     """
 
@@ -257,7 +273,9 @@ class AsyncCopier:
         chunk_threads: int = 2,
     ):
         if dest not in DESTS:
-            raise ValueError(f"unknown dest {dest!r}; use one of {', '.join(DESTS)}")
+            raise InvalidArgumentError(
+                f"{{param}} {dest!r}: choose one of {', '.join(DESTS)}", "dest"
+            )
         self.dtype = dtype
         self.group_bytes = group_bytes
         self.dest = dest
@@ -393,7 +411,7 @@ class AsyncCopier:
                 event.synchronize()
                 del sources  # the copies are done: the device memory may be reused
                 if runs:
-                    self._drain_runs(runs, slab)
+                    drain_runs(runs, slab)
             except BaseException as err:  # surfaced by synchronize()
                 self._error = err
             finally:
@@ -402,9 +420,6 @@ class AsyncCopier:
                 slab = runs = None
                 self._inflight.release()
                 self._jobs.finish(n)
-
-    def _drain_runs(self, runs: list[tuple], slab: torch.Tensor) -> None:
-        drain_runs(runs, slab)
 
     def _check_error(self) -> None:
         if self._error is not None:
@@ -439,18 +454,17 @@ def default_pinned_bytes() -> int:
     return min(32 << 30, total // 4)
 
 
-COPIERS = ("sync", "async", "pinned")
+COPIERS = ("pageable", "pinned", "sync")
 
 
 def make_copier(kind: str, dtype: torch.dtype | None = None) -> HostCopier:
-    """The command line's `--copy`: `"sync"` (blocking `.cpu()`), `"async"` (side-stream copies
-    drained into fresh pageable tensors: the cheapest for one capture per process, as page-locking
-    new memory costs more than the drain) or `"pinned"` (`AsyncCopier`'s default: straight into
-    page-locked chunks, the cheapest once a process has captured before)."""
+    """A copier by name (the command line's `--copy`): `"pageable"` (side-stream copies staged through
+    a reused page-locked slab into ordinary host tensors: the cheapest for one capture per process,
+    as page-locking new memory costs more than the staging), `"pinned"` (`AsyncCopier`'s default:
+    straight into page-locked chunks, the cheapest once a process has captured before) or `"sync"`
+    (a blocking `.cpu()` per tensor)."""
     if kind == "sync":
         return SyncCopier(dtype)
-    if kind == "async":
-        return AsyncCopier(dtype, dest="fresh")
-    if kind == "pinned":
-        return AsyncCopier(dtype)
-    raise ValueError(f"unknown copier {kind!r}; use one of {', '.join(COPIERS)}")
+    if kind in DESTS:
+        return AsyncCopier(dtype, dest=kind)
+    raise InvalidArgumentError(f"{{param}} {kind!r}: choose one of {', '.join(COPIERS)}", "copy")

@@ -1,9 +1,15 @@
 """What to capture: blocks, steps, token streams, storage dtype and an optional reduction.
 
-    sel = Selection.parse(double_blocks="0-5,18", single_blocks="30-37", steps="0,-1",
-                          streams="img", dtype="float16", reduce="pool2")
+    >>> sel = Selection.parse(double_blocks="0-1,3", single_blocks="-1", steps="0,-1", streams="img")
+    >>> sel.single_blocks, sel.steps
+    ((-1,), (0, -1))
+    >>> r = sel.resolve(num_double=4, num_single=8, num_steps=16)   # against the model and the run
+    >>> r.double_blocks, r.single_blocks, r.steps
+    ((0, 1, 3), (7,), (0, 15))
 
-Reductions run on the device before the copy (fewer bytes cross the bus):
+A `Selection` is resolved once, against the model's block counts and the run's steps (`resolve`):
+negative indices count from the end and `None` ("all") becomes the full range. Reductions run on the
+device before the copy (fewer bytes cross the bus):
 - `"mean"`: mean over tokens of each stream, [B, T, D] -> [B, 1, D];
 - `"poolK"` (e.g. `"pool2"`): K x K average pooling of image tokens on the latent grid,
   [B, H*W, D] -> [B, (H/K)*(W/K), D]; text tokens are kept as they are.
@@ -12,7 +18,7 @@ Reductions run on the device before the copy (fewer bytes cross the bus):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +27,14 @@ from flux_ir.errors import InvalidArgumentError
 
 STREAMS = ("both", "img", "txt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_INDEX = 100_000  # no FLUX has more blocks or steps; larger ranges are typos that exhaust memory
 
 
 def parse_indices(spec: str | int | list | tuple | None, name: str) -> list[int] | None:
     """`"0-5,18"` -> [0, 1, 2, 3, 4, 5, 18]; `"all"`/None -> None (all); `"none"`/"" -> [].
 
     Negative indices count from the end and are resolved later against the model (`resolve`).
+    `name` is the parameter named in errors.
     """
     if spec is None or spec == "all":
         return None
@@ -42,12 +50,18 @@ def parse_indices(spec: str | int | list | tuple | None, name: str) -> list[int]
         m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
         if not m:
             raise InvalidArgumentError(
-                f"--{name} {spec!r}: use indices and ranges like '0-5,18', or 'all' / 'none'."
+                f"{{param}} {spec!r}: use indices and ranges like '0-5,18', or 'all' / 'none'.",
+                name,
             )
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise InvalidArgumentError(f"--{name}: range {part.strip()!r} runs backwards")
+            raise InvalidArgumentError(f"{{param}}: range {part.strip()!r} runs backwards", name)
+        if max(abs(lo), abs(hi)) > MAX_INDEX:
+            raise InvalidArgumentError(
+                f"{{param}}: {part.strip()!r} reaches past {MAX_INDEX}; no model has that many",
+                name,
+            )
         out.extend(range(lo, hi + 1))
     return out
 
@@ -56,40 +70,68 @@ def resolve(indices: list[int] | None, n: int, name: str) -> list[int]:
     """Indices (None: all; negatives from the end) checked against `n` available, sorted, unique."""
     if indices is None:
         return list(range(n))
-    out = sorted({i + n if i < 0 else i for i in indices})
-    bad = [i for i in out if not 0 <= i < n]
+    bad = sorted({i for i in indices if not -n <= i < n})
     if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise InvalidArgumentError(
-            f"--{name}: {bad} out of range, this model has {n} {name.replace('_', ' ')} "
-            f"(0-{n - 1}, or negative from the end)"
+            f"{{param}}: {shown} out of range; there are {n} {name.replace('_', ' ')} "
+            f"(0-{n - 1}, or negative from the end)",
+            name,
         )
-    return out
+    return sorted({i + n if i < 0 else i for i in indices})
 
 
 @dataclass(frozen=True)
 class Selection:
+    """Blocks and steps to record (None: all; negative: from the end), token `streams` ("both",
+    "img", "txt"), `store_dtype` (None: the model's) and `reduce` (None, "mean" or "poolK").
+    `resolved` is True once `resolve` has made every index concrete."""
+
     double_blocks: tuple[int, ...] | None = None
     single_blocks: tuple[int, ...] | None = None
     steps: tuple[int, ...] | None = None
     streams: str = "both"
-    dtype: str | None = None
+    store_dtype: str | None = None
     reduce: str | None = None
+    resolved: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("double_blocks", "single_blocks", "steps"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(i) for i in value))
         if self.streams not in STREAMS:
             raise InvalidArgumentError(
-                f"--streams {self.streams!r}: choose one of {', '.join(STREAMS)}"
+                f"{{param}} {self.streams!r}: choose one of {', '.join(STREAMS)}", "streams"
             )
-        if self.dtype is not None and self.dtype not in DTYPES:
+        if self.store_dtype is not None and self.store_dtype not in DTYPES:
             raise InvalidArgumentError(
-                f"--store_dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}"
+                f"{{param}} {self.store_dtype!r}: choose one of {', '.join(DTYPES)}", "store_dtype"
             )
         if self.reduce is not None and not (
-            self.reduce == "mean" or re.fullmatch(r"pool[1-9]\d*", self.reduce)
+            self.reduce == "mean" or re.fullmatch(r"pool[1-9]\d*", str(self.reduce))
         ):
             raise InvalidArgumentError(
-                f"--reduce {self.reduce!r}: use 'mean' or 'poolK' (e.g. pool2)"
+                f"{{param}} {self.reduce!r}: use 'mean' or 'poolK' (e.g. pool2)", "reduce"
             )
+
+    def resolve(self, num_double: int, num_single: int, num_steps: int | None = None) -> Selection:
+        """Concrete, sorted, unique indices checked against the model's blocks and the run's steps
+        (`num_steps` None: steps must already be concrete). Resolving twice changes nothing."""
+        if self.resolved:
+            return self
+        steps = self.steps
+        if num_steps is not None:
+            steps = tuple(resolve(None if steps is None else list(steps), num_steps, "steps"))
+        elif steps is not None and any(s < 0 for s in steps):
+            raise InvalidArgumentError("{param}: negative steps need the run's step count", "steps")
+        return replace(
+            self,
+            double_blocks=tuple(resolve(_list(self.double_blocks), num_double, "double_blocks")),
+            single_blocks=tuple(resolve(_list(self.single_blocks), num_single, "single_blocks")),
+            steps=steps,
+            resolved=True,
+        )
 
     @classmethod
     def parse(
@@ -98,9 +140,11 @@ class Selection:
         single_blocks=None,
         steps=None,
         streams: str = "both",
-        dtype: str | None = None,
+        store_dtype: str | None = None,
         reduce: str | None = None,
     ) -> Selection:
+        """From command-line text: indices and ranges ("0-5,18", "all", "none"), names."""
+
         def tup(x, name):
             v = parse_indices(x, name)
             return None if v is None else tuple(v)
@@ -110,13 +154,13 @@ class Selection:
             tup(single_blocks, "single_blocks"),
             tup(steps, "steps"),
             str(streams),
-            None if dtype in (None, "", "none") else str(dtype),
+            None if store_dtype in (None, "", "none") else str(store_dtype),
             None if reduce in (None, "", "none") else str(reduce),
         )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return None if self.dtype is None else DTYPES[self.dtype]
+        return None if self.store_dtype is None else DTYPES[self.store_dtype]
 
     @property
     def pool(self) -> int | None:
@@ -131,8 +175,9 @@ class Selection:
         k = self.pool
         if k and (height_tokens % k or width_tokens % k):
             raise InvalidArgumentError(
-                f"--reduce pool{k} needs the latent token grid ({height_tokens}x{width_tokens}) "
-                f"divisible by {k}; choose another K or image size (multiples of {16 * k} pixels)."
+                f"{{param}} pool{k} needs the latent token grid ({height_tokens}x{width_tokens}) "
+                f"divisible by {k}; choose another K or image size (multiples of {16 * k} pixels).",
+                "reduce",
             )
 
     def reduce_img(self, img: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -151,4 +196,8 @@ class Selection:
         return txt.mean(dim=1, keepdim=True) if self.reduce == "mean" else txt
 
     def metadata(self) -> dict:
-        return {"streams": self.streams, "store_dtype": self.dtype, "reduce": self.reduce}
+        return {"streams": self.streams, "store_dtype": self.store_dtype, "reduce": self.reduce}
+
+
+def _list(indices: tuple[int, ...] | None) -> list[int] | None:
+    return None if indices is None else list(indices)

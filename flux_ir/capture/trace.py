@@ -1,7 +1,8 @@
 """Forward hooks that record every FLUX block's output at every denoising step.
 
-    with BlockTrace(pipe.transformer) as trace:
-        pipe(prompt, num_inference_steps=4)
+    opts = SamplingOptions.from_spec(spec, prompt="a cat", width=64, height=64)
+    with BlockTrace(pipe.transformer, Selection(single_blocks=(-1,))) as trace:
+        generate(pipe, opts, seed=1)
     records = trace.records        # {"cond": PassRecord, "uncond": PassRecord (true CFG only)}
 
 Hooks are registered on `transformer_blocks[i]` and `single_transformer_blocks[i]` when the context is
@@ -12,14 +13,14 @@ step `k // passes_per_step` and is `"cond"` or `"uncond"` by `k % passes_per_ste
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from flux_ir.capture.copy import HostCopier, SyncCopier
-from flux_ir.capture.select import Selection, resolve
+from flux_ir.capture.select import Selection
+from flux_ir.errors import InvalidArgumentError
 
 PASS_NAMES = ("cond", "uncond")
 
@@ -49,13 +50,13 @@ class BlockTrace:
 
     Args:
         transformer: a diffusers `FluxTransformer2DModel`.
-        double_blocks / single_blocks: indices to record (None: all, []: none).
-        steps: step indices to record (None: all). Context is recorded for every step.
+        selection: blocks, steps, streams, storage dtype and reduction to record (default: every
+            block at every step, both streams); resolved against the transformer's blocks here, and
+            its steps must be concrete (`Selection.resolve` with the run's step count). Context
+            (latents, embeddings) is recorded for every step.
         passes_per_step: 2 when the pipeline runs true CFG (cond + uncond), else 1.
         copier: how tensors reach the host (default: synchronous copy to CPU).
-        selection: streams / storage dtype / reduction of block tensors (blocks and steps given
-            here override the arguments above).
-        image_grid: latent token grid (H, W), needed only for pooling reductions.
+        image_grid: latent token grid (H/16, W/16), needed only for pooling reductions.
         sink: called as `sink(pass_name, step, items, fence)` when a pass ends, with that pass's
             block tensors `{(kind, index): tensor or pair}` (valid once `fence` is set); they are then
             not kept in `records` (streaming: host memory bounded by what the sink holds).
@@ -64,33 +65,27 @@ class BlockTrace:
     def __init__(
         self,
         transformer: nn.Module,
-        double_blocks: Iterable[int] | None = None,
-        single_blocks: Iterable[int] | None = None,
-        steps: Iterable[int] | None = None,
+        selection: Selection | None = None,
+        *,
         passes_per_step: int = 1,
         copier: HostCopier | None = None,
-        selection: Selection | None = None,
         image_grid: tuple[int, int] | None = None,
         sink=None,
     ):
         self.transformer = transformer
-        sel = selection or Selection()
-        n_double = len(transformer.transformer_blocks)
-        n_single = len(transformer.single_transformer_blocks)
-        if sel.double_blocks is not None:
-            double_blocks = sel.double_blocks
-        if sel.single_blocks is not None:
-            single_blocks = sel.single_blocks
-        if sel.steps is not None:
-            steps = sel.steps
+        sel = (selection or Selection()).resolve(
+            len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+        )
         self.selection = sel
         self.image_grid = image_grid
         self.sink = sink
-        self.double_idx = _check_indices(double_blocks, n_double, "double")
-        self.single_idx = _check_indices(single_blocks, n_single, "single")
-        self.steps = None if steps is None else set(steps)
+        self.double_idx = list(sel.double_blocks)
+        self.single_idx = list(sel.single_blocks)
+        self.steps = None if sel.steps is None else set(sel.steps)
         if passes_per_step not in (1, 2):
-            raise ValueError("passes_per_step must be 1 or 2")
+            raise InvalidArgumentError(
+                f"{{param}} must be 1 or 2, got {passes_per_step!r}", "passes_per_step"
+            )
         self.passes_per_step = passes_per_step
         self.copier = copier or SyncCopier()
         self.records: dict[str, PassRecord] = {}
@@ -124,16 +119,10 @@ class BlockTrace:
             self._end_pass()
         self.copier.synchronize()
 
-    @property
-    def num_steps_seen(self) -> int:
-        return self._calls // self.passes_per_step
-
     # -- hooks -----------------------------------------------------------------------------------
     def _end_pass(self) -> None:
         """Hand the finished pass's copies to the device; give its block tensors to the sink."""
-        flush = getattr(self.copier, "flush", None)
-        if flush is not None:
-            flush()
+        self.copier.flush()
         if self.sink is not None and self._pass is not None and self._items:
             items, self._items = self._items, {}
             self.sink(*self._pass, items, self.copier.fence())
@@ -221,7 +210,3 @@ def _joint_parent(txt: torch.Tensor, img: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     return txt.as_strided((b, n_all, d), (n_all * d, d, 1))
-
-
-def _check_indices(indices: Iterable[int] | None, n: int, kind: str) -> list[int]:
-    return resolve(None if indices is None else [int(i) for i in indices], n, f"{kind}_blocks")

@@ -1,17 +1,53 @@
-"""Command line: `flux-ir capture ...`, `flux-ir decode ...` (fire)."""
+"""Command line: `flux-ir capture ...`, `flux-ir decode ...`, `flux-ir sweep ...`, `flux-ir analyze ...`
+(fire). Commands are thin: they map flags to the library's settings objects (which validate
+themselves), call the library, and print where the results went."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
-import fire
+from flux_ir.errors import FluxIRError, InvalidArgumentError
 
-from flux_ir.errors import FluxIRError
+
+class CommandLineError(FluxIRError):
+    """An argument error rendered with the command line's flag names."""
+
+
+def flags(**renames: str) -> Callable:
+    """Decorate a command so that argument errors name its flags: a parameter `p` is `--p` unless
+    `renames` maps it (e.g. `store_format="--format"`)."""
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except InvalidArgumentError as err:
+                if err.param is None:
+                    raise
+                flag = renames.get(err.param, f"--{err.param}")
+                raise CommandLineError(err.render(flag)) from err
+
+        return run
+
+    return decorate
+
+
+def text(value) -> str | None:
+    """A flag meant as text that the command line parsed as a number (`--prompt 1984`) is text."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value  # anything else is refused by the setting it goes to
 
 
 def run_fire(component, argv: list[str] | None = None, name: str = "flux-ir") -> int:
     """Run a fire component; print FluxIRError messages without a traceback and return exit code 2."""
+    import fire
+
     try:
         fire.Fire(component, command=argv, name=name)
     except FluxIRError as err:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flux_ir.cli.capture import check_device
-from flux_ir.lens.decode import check_target
-from flux_ir.models import load_pipeline, resolve_model
-from flux_ir.models.loading import normalize_offload
-from flux_ir.store import load_capture
+from flux_ir.cli import flags
 
 
+@flags()
 def decode(
     capture_path: str,
     model: str | None = None,
@@ -25,17 +22,24 @@ def decode(
     Args:
         capture_path: a `capture_*.pt` file or a `capture_*/` shard directory.
         model: the model that made it (default: the one named in its metadata).
-        target: "x0" or "next".
-        output_dir: where `decoded/` and the mosaic go (default: beside the capture).
-        device, offload, batch_size: as for capture.
+        target: "x0" (into decoded/) or "next" (into decoded_next/).
+        output_dir: where the decoded images and the mosaic go (default: beside the capture).
+        device, offload: as for capture.
+        batch_size: latents per VAE decode call.
     """
-    from flux_ir.runs import decode_to_dir
+    from flux_ir.io.dirs import check_output_dir
+    from flux_ir.lens import LensOptions
+    from flux_ir.models import LoadOptions, load_pipeline
+    from flux_ir.store import load_capture
+    from flux_ir.workflows import decode_to_dir
 
-    check_target(target)
+    lens = LensOptions(target, batch_size)
     cap = load_capture(capture_path)
-    spec = resolve_model(str(model or cap.metadata["model"]))
-    device = check_device(device)
-    pipe, _ = load_pipeline(spec, device=device, offload=normalize_offload(offload))
-    out = Path(output_dir) if output_dir else Path(capture_path).parent
-    mosaic = decode_to_dir(pipe, cap, out, target=target, batch_size=batch_size)
-    print(f"decoded images: {out / 'decoded'}\nmosaic: {mosaic}")
+    load = LoadOptions.create(model or cap.metadata["model"], device, offload)
+    out = check_output_dir(output_dir if output_dir else Path(capture_path).parent)
+    pipe, _ = load_pipeline(load)
+    mosaic = decode_to_dir(pipe, cap, out, lens)
+    print(
+        f"decoded images: {mosaic.parent / ('decoded' if target == 'x0' else 'decoded_' + target)}"
+    )
+    print(f"mosaic: {mosaic}")

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from flux_ir.capture.options import validate_output_dir
-from flux_ir.cli.capture import check_device
+from flux_ir.cli import flags, text
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.models import load_pipeline, resolve_model
-from flux_ir.models.loading import check_weights, default_dtype, normalize_offload
-from flux_ir.sweep.config import PRESETS, SweepConfig
-from flux_ir.sweep.generate import check_run_args
-from flux_ir.sweep.grid import GridSpec
-from flux_ir.sweep.shard import Distributed
-from flux_ir.sweep.store import SweepStore
 
 
+@flags()
 def sweep(
     model: str = "flux-schnell",
     output_dir: str = "output/sweep",
@@ -50,7 +43,7 @@ def sweep(
     directory is refused. Launch with `torchrun --nproc_per_node N` to shard the points over N GPUs.
 
     Args:
-        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, or a local FluxPipeline directory.
+        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, flux-toy, or a local FluxPipeline directory.
         output_dir: the sweep directory (images/, metadata.json, points.csv).
         preset: "hessian-paper": the paper's prompt, negative prompt and true CFG scale 5.
         prompt, negative_prompt, true_cfg_scale: text conditioning; true CFG when scale > 1 and a
@@ -76,71 +69,62 @@ def sweep(
         offload, device, weights: as for `capture`.
         progress: show a progress bar (points/s and ETA).
     """
+    from flux_ir.io.dirs import check_output_dir
+    from flux_ir.models import LoadOptions, load_pipeline
+    from flux_ir.sweep.config import SweepConfig
+    from flux_ir.sweep.run import SweepRunOptions, run_sweep
+    from flux_ir.sweep.shard import Distributed
+    from flux_ir.sweep.store import SweepStore
+
     dist = Distributed.from_env()
-    spec = resolve_model(str(model))
-    if preset is not None and preset not in PRESETS:
-        raise InvalidArgumentError(
-            f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}."
-        )
-    base = dict(PRESETS[preset]) if preset is not None else {}
-    for key, value in (
-        ("prompt", prompt),
-        ("negative_prompt", negative_prompt),
-        ("true_cfg_scale", true_cfg_scale),
-    ):
-        if value is not None:
-            base[key] = value
     grid = grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points)
-    device = check_device(dist.device(device))
-    offload_mode = normalize_offload(offload)
-    check_weights(weights)
-    pipe_dtype = str(default_dtype(device)).removeprefix("torch.")
-    cfg = SweepConfig(
-        **base,
-        model=spec.name if weights == "pretrained" else f"{spec.name} (random weights)",
-        width=(spec.size or 512) if width is None else width,
-        height=(spec.size or 512) if height is None else height,
-        num_steps=spec.num_steps if num_steps is None else num_steps,
-        guidance=spec.guidance if guidance is None else guidance,
-        max_sequence_length=spec.max_sequence_length,
+    load = LoadOptions.create(model, dist.device(device), offload, weights)
+    spec = load.spec
+    cfg = SweepConfig.from_spec(
+        spec,
+        preset=preset,
+        model=spec.name if load.weights == "pretrained" else f"{spec.name} (random weights)",
+        grid=grid,
         seeds=seeds,
         vertices=vertices,
-        grid=grid,
-        dtype=pipe_dtype,
+        dtype=load.dtype_name,
+        prompt=text(prompt),
+        negative_prompt=text(negative_prompt),
+        true_cfg_scale=true_cfg_scale,
+        width=width,
+        height=height,
+        num_steps=num_steps,
+        guidance=guidance,
     )
-    check_run_args(batch_size, phase_pool if phases else None, cfg)
-    if phase_images and (not phases or not isinstance(phase_images, int) or phase_images < 8):
-        raise InvalidArgumentError(
-            f"--phase_images must be a thumbnail size >= 8 and needs --phases, got {phase_images!r}"
-        )
+    if phase_images and not phases:
+        raise InvalidArgumentError("{param} needs --phases", "phase_images")
+    run = SweepRunOptions(cfg, batch_size, phase_pool if phases else None, phase_images or None)
     SweepStore(output_dir).check(cfg)  # a different sweep is refused before the model loads
-    validate_output_dir(output_dir)
+    check_output_dir(output_dir)
 
-    dist.init(device)
+    dist.init(load.device)
     try:
         if dist.is_main:
             n = cfg.grid.n_alpha * cfg.grid.n_beta
             print(
-                f"loading {spec.name} ({weights} weights) on {device} for a {n}-point sweep "
+                f"loading {spec.name} ({load.weights} weights) on {load.device} for a {n}-point sweep "
                 f"({dist.world} process(es)) ...",
                 flush=True,
             )
-        pipe, spec = load_pipeline(spec, device=device, offload=offload_mode, weights=weights)
-        from flux_ir.sweep.generate import run_sweep
-
+        pipe, spec = load_pipeline(load)
         result = run_sweep(
             pipe,
             cfg,
             output_dir,
-            batch_size=batch_size,
-            phase_pool=phase_pool if phases else None,
-            phase_images=phase_images or None,
+            batch_size=run.batch_size,
+            phase_pool=run.phase_pool,
+            phase_images=run.phase_images,
             dist=dist,
             progress=progress,
             extra_metadata={
                 "model_source": spec.source,
-                "offload": offload_mode,
-                "weights": weights,
+                "offload": load.offload,
+                "weights": load.weights,
             },
         )
         if dist.is_main:
@@ -153,8 +137,10 @@ def sweep(
         dist.close()
 
 
-def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points) -> GridSpec:
+def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points):
     """The grid (or, with `path`, the 1-D path) of the command line; conflicting flags are refused."""
+    from flux_ir.sweep.grid import GridSpec
+
     if path is None:
         if points is not None:
             raise InvalidArgumentError(
@@ -180,6 +166,7 @@ def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points) -> Grid
     return GridSpec(alpha=alpha, n_alpha=n, n_beta=1, normalisation=normalisation, path=path)
 
 
+@flags()
 def analyze(
     sweep_dir: str,
     embedder: str = "clip",
@@ -201,12 +188,13 @@ def analyze(
     """
     from flux_ir.analysis.embed import check_embedder, make_embedder
     from flux_ir.analysis.sweep import analyze_sweep, open_sweep
+    from flux_ir.models.loading import check_device
     from flux_ir.plots.sweep import plot_sweep
 
     check_embedder(embedder)
     if not isinstance(cell, int) or cell < 4:
-        raise InvalidArgumentError(f"--cell must be an integer >= 4, got {cell!r}")
-    _, _, _ = open_sweep(sweep_dir)  # not a sweep: fail before loading CLIP
+        raise InvalidArgumentError(f"{{param}} must be an integer >= 4, got {cell!r}", "cell")
+    open_sweep(sweep_dir)  # not a sweep: fail before loading CLIP
     device = check_device(device)
     emb = make_embedder(embedder, clip_model=clip_model, device=device)
     result = analyze_sweep(sweep_dir, emb, phases=phases)

@@ -1,7 +1,10 @@
 """Apply the lens to a `Capture`: every (block, step) decoded as the final prediction, in batches.
 
-for (kind, index, step), image in decode_capture(pipe, cap, target="x0"):
-    image.save(f"{kind}_block_{index}_step_{step}.jpg")
+    for item, images in decode_capture(pipe, cap, target="x0"):
+        images[0].save(f"{item.name}.jpg")       # e.g. single_block_3_step_1.jpg
+
+Items come in depth order (double blocks, then single blocks; steps within each block); their lens
+latents are VAE-decoded in batches.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from diffusers import FluxPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flux_ir.capture.result import KINDS, Capture
-from flux_ir.lens.decode import LensHead, check_target, decode_packed, lens_latents
+from flux_ir.capture.schema import KINDS, Capture
+from flux_ir.lens.decode import LensHead, LensOptions, decode_packed, lens_latents
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def decode_capture(
     Lens latents of several items are VAE-decoded together in batches of `batch_size` latents.
     `output_type` "pt" yields image tensors [B, 3, H, W] in [0, 1] (on the VAE's device) instead.
     """
-    check_target(target)
+    LensOptions(target, batch_size)  # one check of both, before any work
     cap.check_image_tokens()
     head = LensHead.from_pipeline(pipe)
     items = block_steps(cap) if items is None else items

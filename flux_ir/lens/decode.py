@@ -1,9 +1,11 @@
 """The block lens: decode a block's output as if it were the transformer's final prediction.
 
     head = LensHead.from_pipeline(pipe)
-    v = head.velocity(h_img, temb)                          # [B, N, 64]
-    z = lens_latents(v, img_state, t_curr, t_prev, "x0")    # packed latents [B, N, 64]
-    images = decode_packed(pipe, z, height, width)         # list of PIL images
+    ctx, k = cap.denoising_context, 0                       # a capture's context at step k
+    v = head.velocity(cap.image_tokens("single", 3, k), ctx["temb"][k])   # [B, N, 64]
+    t_curr, t_prev = ctx["timestep_pairs"][k]
+    z = lens_latents(v, ctx["img_state"][k], t_curr, t_prev, "x0")       # packed latents [B, N, 64]
+    images = decode_packed(pipe, z, cap.metadata["height"], cap.metadata["width"])  # PIL images
 
 For image tokens `h` of any block, the transformer's own `norm_out(h, temb)` and `proj_out` give a
 velocity `v`. Target "x0" is the model's clean-image estimate `img_state - t_curr * v`; target "next" is
@@ -22,16 +24,38 @@ from PIL import Image
 from torch import nn
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.geometry import unpack_latents
 
 TARGETS = ("x0", "next")
 
 
-def check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise InvalidArgumentError(
-            f"unknown decode target {target!r}; choose one of {', '.join(TARGETS)}."
-        )
-    return target
+@dataclass(frozen=True)
+class LensOptions:
+    """How to decode blocks: `target` "x0" (the clean-image estimate) or "next" (one Euler step, the
+    original tool's lens), and `batch_size` latents per VAE decode call.
+
+    >>> LensOptions("next").target
+    'next'
+    >>> LensOptions("x1")
+    Traceback (most recent call last):
+    ...
+    flux_ir.errors.InvalidArgumentError: target 'x1' is unknown; choose one of x0, next.
+    """
+
+    target: str = "x0"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidArgumentError(
+                f"{{param}} {self.target!r} is unknown; choose one of {', '.join(TARGETS)}.",
+                "target",
+            )
+        b = self.batch_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise InvalidArgumentError(
+                f"{{param}} must be a positive integer, got {b!r}", "batch_size"
+            )
 
 
 @dataclass
@@ -91,9 +115,8 @@ def lens_latents(
 ) -> torch.Tensor:
     """Packed latents [B, N, 64] from a velocity, computed in float32 like the scheduler's step.
 
-    Returns `img_state`'s dtype on `v`'s device.
+    Returns `img_state`'s dtype on `v`'s device. `target` is "x0" or "next" (see `LensOptions`).
     """
-    check_target(target)
     x = img_state.to(v.device, torch.float32)
     # 0-dim float32 sigmas on the velocity's device, as FlowMatchEulerDiscreteScheduler.step uses them
     # (its sigmas live on the pipeline's device): a Python float, or a CPU scalar next to a CUDA tensor,
@@ -102,8 +125,10 @@ def lens_latents(
     sigma_next = torch.tensor(t_prev, device=v.device)
     if target == "x0":
         out = x - sigma * v
-    else:
+    elif target == "next":
         out = x + (sigma_next - sigma) * v
+    else:  # LensOptions checks user input; this guards direct calls
+        raise KeyError(f"lens target {target!r} is neither x0 nor next")
     return out.to(v.dtype)
 
 
@@ -112,7 +137,7 @@ def decode_packed(
     pipe: FluxPipeline, packed: torch.Tensor, height: int, width: int, output_type: str = "pil"
 ) -> list[Image.Image] | torch.Tensor:
     """Packed latents [B, N, 64] -> images: unpack, undo scaling/shift, VAE-decode, post-process."""
-    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+    latents = unpack_latents(packed, height, width)
     cfg = pipe.vae.config
     latents = latents / cfg.scaling_factor + cfg.shift_factor
     vae_device = _module_device(pipe, pipe.vae)

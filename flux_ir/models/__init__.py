@@ -3,6 +3,7 @@
 from flux_ir.models.loading import (
     OFFLOAD_MODES,
     WEIGHTS,
+    LoadOptions,
     default_device,
     default_dtype,
     load_pipeline,
@@ -14,6 +15,7 @@ from flux_ir.models.tiny import build_tiny_pipeline
 
 __all__ = [
     "OFFLOAD_MODES",
+    "LoadOptions",
     "REGISTRY",
     "WEIGHTS",
     "ModelSpec",

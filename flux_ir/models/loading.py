@@ -1,7 +1,12 @@
 """Load a FLUX pipeline by registry name or local directory, on a device, optionally offloaded.
 
-pipe, spec = load_pipeline("flux-tiny")                       # built in code, CPU, float32
-pipe, spec = load_pipeline("flux-dev", device="cuda", offload="model")   # or "sequential", "group"
+    pipe, spec = load_pipeline("flux-tiny")                       # built in code, CPU, float32
+    load = LoadOptions.create("flux-toy", device="cpu")           # checked before anything loads
+    pipe, spec = load_pipeline(load)
+    # load_pipeline("flux-dev", device="cuda", offload="group")   # or "model", "sequential"
+
+Weights load in bfloat16 on CUDA and float32 elsewhere unless `dtype` says otherwise; errors name
+the ways out (logging in, a local directory, the offline models).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def normalize_offload(offload: bool | str | None) -> str:
-    """Map the CLI's `--offload` (flag or mode name) to one of OFFLOAD_MODES."""
+    """`offload` as one of OFFLOAD_MODES (False/None: "none"; True: "model", as the original tool)."""
     if offload is None or offload is False:
         return "none"
     if offload is True:
@@ -40,12 +45,88 @@ def normalize_offload(offload: bool | str | None) -> str:
     if isinstance(offload, str) and offload in OFFLOAD_MODES:
         return offload
     raise InvalidArgumentError(
-        f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)} (or --offload for 'model')."
+        f"{{param}} {offload!r} is unknown; use one of {', '.join(OFFLOAD_MODES)} (True means 'model').",
+        "offload",
     )
 
 
+def check_device(device: str | None) -> str:
+    """A device flux-ir runs on: "cpu", "cuda" or "cuda:N" (default: cuda when available)."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidArgumentError(
+            f"{{param}} {device!r} is not a device name; use cuda, cuda:0 or cpu.", "device"
+        ) from err
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(
+            f"{{param}} {device!r}: flux-ir runs on cpu or cuda (cuda:N), not {dev.type}.", "device"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"{{param}} {device!r} was asked for but CUDA is not available; use cpu.", "device"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"{{param}} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).",
+                "device",
+            )
+    return str(dev)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Which pipeline to load and where, validated before anything loads (`LoadOptions.create`).
+
+    spec: the model. device: "cpu", "cuda" or "cuda:N". offload: one of OFFLOAD_MODES. weights:
+    "pretrained" or "random" (the exact architecture, random weights, no download). dtype: None for
+    bfloat16 on CUDA, float32 elsewhere. weights_dir: flux-toy only, a directory of its safetensors
+    (default: $FLUX_IR_TOY_WEIGHTS, else the package's).
+    """
+
+    spec: ModelSpec
+    device: str
+    offload: str = "none"
+    weights: str = "pretrained"
+    dtype: torch.dtype | None = None
+    weights_dir: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        model: str | ModelSpec,
+        device: str | None = None,
+        offload: bool | str | None = None,
+        weights: str = "pretrained",
+        dtype: torch.dtype | None = None,
+        weights_dir: str | None = None,
+    ) -> LoadOptions:
+        spec = resolve_model(str(model)) if not isinstance(model, ModelSpec) else model
+        if weights not in WEIGHTS:
+            raise InvalidArgumentError(
+                f"{{param}} {weights!r} is unknown; use one of {', '.join(WEIGHTS)}.", "weights"
+            )
+        if weights_dir is not None and spec.source != "package":
+            raise InvalidArgumentError(
+                f"{{param}} is for flux-toy's weights; {spec.name} loads its own", "weights_dir"
+            )
+        device = check_device(device)
+        return cls(spec, device, normalize_offload(offload), weights, dtype, weights_dir)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype or default_dtype(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+
 def load_pipeline(
-    model: str | ModelSpec,
+    model: str | ModelSpec | LoadOptions,
     device: str | None = None,
     dtype: torch.dtype | None = None,
     offload: bool | str | None = None,
@@ -53,15 +134,16 @@ def load_pipeline(
 ) -> tuple[FluxPipeline, ModelSpec]:
     """Return `(pipe, spec)`: the pipeline on `device` (or offloaded to it) in `dtype`.
 
-    `weights="random"` builds the exact architecture with random weights (no download).
-    Raises ModelUnavailableError with the ways out when weights cannot be had.
+    `model` is a registry name, a local pipeline directory, a `ModelSpec`, or `LoadOptions` (then
+    the other arguments are not used). `weights="random"` builds the exact architecture with random
+    weights (no download). Raises ModelUnavailableError with the ways out when weights cannot be had.
     """
-    spec = resolve_model(model) if isinstance(model, str) else model
-    device = device or default_device()
-    dtype = dtype or default_dtype(device)
-    mode = normalize_offload(offload)
-    check_weights(weights)
-    if weights == "random":
+    if isinstance(model, LoadOptions):
+        opts = model
+    else:
+        opts = LoadOptions.create(model, device, offload, weights, dtype)
+    spec, device, mode, dtype = opts.spec, opts.device, opts.offload, opts.torch_dtype
+    if opts.weights == "random":
         # build where it will run; offloaded pipelines are built on the CPU
         pipe = build_random_pipeline(spec, device if mode == "none" else "cpu", dtype)
     elif spec.source == "builtin":
@@ -69,7 +151,7 @@ def load_pipeline(
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif spec.source == "package":
-        pipe = load_toy_pipeline()  # $FLUX_IR_TOY_WEIGHTS or the package's weights
+        pipe = load_toy_pipeline(opts.weights_dir)  # None: $FLUX_IR_TOY_WEIGHTS or the package's
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
@@ -77,14 +159,6 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, device, mode)
     return pipe, spec
-
-
-def check_weights(weights: str) -> str:
-    if weights not in WEIGHTS:
-        raise InvalidArgumentError(
-            f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}."
-        )
-    return weights
 
 
 def place_pipeline(
@@ -101,7 +175,7 @@ def place_pipeline(
     elif offload == "group":
         enable_group_offload(pipe, device, group)
     else:
-        raise InvalidArgumentError(f"unknown offload mode {offload!r}")
+        raise InvalidArgumentError(f"{{param}} {offload!r} is unknown", "offload")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Any registry model in its exact architecture with random weights: no downloads.
 
-    pipe = build_random_pipeline(REGISTRY["flux-dev"], device="cuda", dtype=torch.bfloat16)
+    pipe = build_random_pipeline(REGISTRY["flux-dev"], device="meta")   # the shapes alone, at once
+    # build_random_pipeline(REGISTRY["flux-dev"], device="cuda", dtype=torch.bfloat16) to run it
 
 Weights are created directly on `device` in `dtype` (12 B transformer parameters take ~0.5 s on an H100),
 which is what memory and speed benchmarks need: random weights cost exactly what real ones cost. Their

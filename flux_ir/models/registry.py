@@ -1,7 +1,10 @@
 """Known FLUX.1 models and their defaults (steps, guidance, T5 sequence length).
 
-spec = resolve_model("flux-dev")          # registry name
-spec = resolve_model("/path/to/pipeline")  # a local diffusers FluxPipeline directory
+    spec = resolve_model("flux-dev")          # registry name: spec.num_steps == 50, spec.guidance == 3.5
+    # resolve_model("/path/to/pipeline")      # a local diffusers FluxPipeline directory
+
+A local directory keeps the defaults written beside it by `save_pipeline` (a sidecar JSON), or takes
+those of schnell or dev by whether its transformer has a guidance embedding.
 """
 
 from __future__ import annotations
@@ -106,12 +109,14 @@ def resolve_model(model: str) -> ModelSpec:
     known = ", ".join(REGISTRY)
     if path.exists():
         raise InvalidArgumentError(
-            f"--model {model!r} is a path but holds no diffusers pipeline (no model_index.json). "
-            f"Save one with `pipe.save_pretrained(dir)`, or pick a registry model: {known}."
+            f"{{param}} {model!r} is a path but holds no diffusers pipeline (no model_index.json). "
+            f"Save one with `pipe.save_pretrained(dir)`, or pick a registry model: {known}.",
+            "model",
         )
     raise InvalidArgumentError(
-        f"unknown model {model!r}. Choose one of: {known}, or pass a local directory that "
-        "holds a diffusers FluxPipeline (saved with save_pretrained)."
+        f"{{param}} {model!r} is unknown; choose one of {known}, or pass a local directory that "
+        "holds a diffusers FluxPipeline (saved with save_pretrained).",
+        "model",
     )
 
 

@@ -1,7 +1,8 @@
 """flux-tiny: a miniature FLUX.1 pipeline built in code, with FLUX's exact structure.
 
     pipe = build_tiny_pipeline()            # deterministic: same seed, same weights everywhere
-    image = pipe("a cat", height=256, width=256, num_inference_steps=4).images[0]
+    opts = SamplingOptions.from_spec(REGISTRY["flux-tiny"], prompt="a cat", width=64, height=64)
+    image = generate(pipe, opts, seed=0).images[0]          # noise: the weights are random
 
 Same classes as the real model: `FluxTransformer2DModel` (double + single blocks, 3-axis rotary ids),
 a 16-channel `AutoencoderKL` with 8x downsampling (scaling 0.3611, shift 0.1159), CLIP pooled and T5

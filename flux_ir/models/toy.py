@@ -1,8 +1,8 @@
 """flux-toy: a small FLUX-architecture model trained on shape scenes, shipped with the package.
 
-    pipe = load_toy_pipeline()                         # weights from the package (or $FLUX_IR_TOY_WEIGHTS)
-    image = pipe("a red circle on a blue background", height=128, width=128,
-                 num_inference_steps=16, guidance_scale=0.0).images[0]
+    pipe = load_toy_pipeline()              # weights from the package (or $FLUX_IR_TOY_WEIGHTS)
+    opts = SamplingOptions.from_spec(REGISTRY["flux-toy"], prompt="a red circle on a blue background")
+    image = generate(pipe, opts, seed=0).images[0]          # 128x128, 16 steps, true CFG 2
 
 Same classes as FLUX.1: `FluxTransformer2DModel` (double + single blocks), a 16-channel
 `AutoencoderKL` with 8x downsampling whose scaling/shift factors come from its training data, CLIP

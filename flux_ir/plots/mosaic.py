@@ -1,7 +1,11 @@
 """Labelled image grids: rows × columns of thumbnails with text labels, as one PIL image.
 
-grid = labelled_grid(rows_of_images, row_labels=["double 0", ...], col_labels=["step 0", ...])
-grid.save("mosaic.jpg")
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    grid = labelled_grid([[red, blue], [None, red]], row_labels=["double 0", "single 3"],
+                         col_labels=["step 0", "step 1"], title="a lens mosaic")
+    grid.save("mosaic.jpg")                 # None leaves a blank cell
+
+Thumbnails are resized to `cell` pixels; labels use PIL's default font (no font files needed).
 """
 
 from __future__ import annotations

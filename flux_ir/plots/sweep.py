@@ -1,6 +1,11 @@
-"""Sweep pictures (matplotlib, Agg): image mosaic on alpha/beta axes, Lipschitz heatmap, overlay, phases.
+"""Sweep pictures: image mosaic on alpha/beta axes, Lipschitz heatmap, overlay, per-step phases.
 
-    paths = plot_sweep(store_rows, result, sweep_dir / "analysis")   # mosaic.png, lipschitz_*.png, ...
+    result = analyze_sweep(sweep_dir, PixelEmbedder())
+    _, _, rows = open_sweep(sweep_dir)
+    paths = plot_sweep(sweep_dir, rows, result)   # {"mosaic": .../analysis/mosaic.png, "lipschitz": ...}
+
+Figures are matplotlib `Figure` objects drawn without pyplot, so importing this module never changes
+matplotlib's backend (a notebook's inline plots keep working).
 
 Axes: beta runs left to right (columns), alpha bottom to top (rows); every cell is centred on its
 (beta, alpha) grid value, so the mosaic, the heatmap and the overlay line up.
@@ -11,15 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from flux_ir.analysis.sweep import SweepAnalysis  # noqa: E402
-from flux_ir.store.atomic import atomic_path  # noqa: E402
+from flux_ir.analysis.sweep import SweepAnalysis
+from flux_ir.io.atomic import atomic_path
 
 
 def mosaic_array(
@@ -47,7 +49,8 @@ def _extent(alphas: np.ndarray, betas: np.ndarray) -> tuple[float, float, float,
 def _figure(n_alpha: int, n_beta: int, ncols: int = 1):
     width = min(4 + 0.25 * n_beta, 16) * ncols
     height = min(3.5 + 0.25 * n_alpha, 16)
-    return plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, ncols, squeeze=False)
 
 
 def _axes(ax, title: str) -> None:
@@ -59,7 +62,6 @@ def _axes(ax, title: str) -> None:
 def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -114,9 +116,8 @@ def plot_phases(
     steps = fields.shape[0]
     ncols = min(steps, 6)
     nrows = -(-steps // ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(3.6 * ncols, 3 * nrows), squeeze=False, layout="constrained"
-    )
+    fig = Figure(figsize=(3.6 * ncols, 3 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     extent = _extent(alphas, betas)
     for k, ax in enumerate(axes.flat):
         if k >= steps:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from flux_ir.capture.result import Capture
+from flux_ir.capture.schema import Capture
 from flux_ir.errors import CaptureFileError
-from flux_ir.store.atomic import atomic_path, write_text
+from flux_ir.io.atomic import atomic_path, write_text
 
 REQUIRED_KEYS = ("double_blocks", "single_blocks", "denoising_context", "metadata")
 

@@ -3,7 +3,7 @@
     writer = ShardWriter("run/intermediates/capture_x")       # a directory
     images, cap = run_capture(pipe, opts, copier=AsyncCopier(), sink=writer)
     writer.finish(cap)                                          # context + manifest.json, then rename
-    cap = open_capture("run/intermediates/capture_x")           # lazy, memory-mapped
+    cap = open_shards("run/intermediates/capture_x")            # lazy, memory-mapped
 
 Layout of the directory:
     cond_step_0000.safetensors   double.{i}.img [B, N, D], double.{i}.txt [B, L, D], single.{i} [B, L+N, D]
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from flux_ir.capture.result import Capture
-from flux_ir.capture.run import joint_single
+from flux_ir.capture.schema import Capture, joint_single
 from flux_ir.errors import CaptureFileError
 
 FORMAT = "flux-ir-shards"
@@ -219,10 +218,6 @@ class LazySteps(Sequence):
             key = f"double.{self.index}"
             return (self.reader.get(name, f"{key}.img"), self.reader.get(name, f"{key}.txt"))
         return self.reader.get(name, f"single.{self.index}")
-
-
-def is_shard_capture(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 def open_shards(directory: str | Path) -> Capture:

@@ -2,7 +2,7 @@
 sharded over processes."""
 
 from flux_ir.sweep.config import PRESETS, SweepConfig
-from flux_ir.sweep.generate import encode_conditioning, generate_batch, run_sweep
+from flux_ir.sweep.generate import generate_batch
 from flux_ir.sweep.grid import (
     NORMALISATIONS,
     GridPoint,
@@ -12,6 +12,7 @@ from flux_ir.sweep.grid import (
     vertex_latents,
 )
 from flux_ir.sweep.paths import lerp_path, path_latents, slerp_path, sweep_latents
+from flux_ir.sweep.run import SweepResult, SweepRunOptions, run_sweep
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
 
@@ -21,9 +22,10 @@ __all__ = [
     "Distributed",
     "GridPoint",
     "GridSpec",
+    "SweepRunOptions",
     "SweepConfig",
+    "SweepResult",
     "SweepStore",
-    "encode_conditioning",
     "generate_batch",
     "grid_latents",
     "lerp_path",

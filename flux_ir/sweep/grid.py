@@ -33,11 +33,10 @@ import numpy as np
 import torch
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.geometry import latent_shape
 
 NORMALISATIONS = ("annulus", "std", "vertex", "none")
 PATHS = ("lerp", "slerp")
-LATENT_CHANNELS = 16  # FLUX.1's VAE
-VAE_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,20 @@ class GridSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(
-                    f"--{name} must be a positive integer (points along that axis), got {value!r}"
+                    f"{{param}} must be a positive integer (points along that axis), got {value!r}",
+                    name,
                 )
         check_normalisation(self.normalisation)
         if self.path is not None:
             if self.path not in PATHS:
                 raise InvalidArgumentError(
-                    f"unknown path {self.path!r}; choose one of {', '.join(PATHS)}."
+                    f"{{param}} {self.path!r} is unknown; choose one of {', '.join(PATHS)}.", "path"
                 )
             if self.n_beta != 1 or self.n_alpha < 2:
                 raise InvalidArgumentError(
-                    f"a {self.path} path is one axis of at least 2 points (--points N >= 2), "
-                    f"got {self.n_alpha} x {self.n_beta}"
+                    f"a {self.path} path is one axis of at least 2 points (n_alpha >= 2, n_beta = 1), "
+                    f"got {self.n_alpha} x {self.n_beta}",
+                    "n_alpha",
                 )
 
     @property
@@ -131,11 +132,11 @@ def check_interval(name: str, value: Sequence[float] | str) -> tuple[float, floa
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError) as err:
         raise InvalidArgumentError(
-            f"--{name} must be two numbers 'start,end' such as 0,1, got {value!r}"
+            f"{{param}} must be two numbers 'start,end' such as 0,1, got {value!r}", name
         ) from err
     if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
         raise InvalidArgumentError(
-            f"--{name} interval {lo},{hi} is empty or not finite; give start < end, e.g. --{name} 0,1"
+            f"{{param}} interval {lo},{hi} is empty or not finite; give start < end, e.g. 0,1", name
         )
     return lo, hi
 
@@ -143,14 +144,10 @@ def check_interval(name: str, value: Sequence[float] | str) -> tuple[float, floa
 def check_normalisation(mode: str) -> str:
     if mode not in NORMALISATIONS:
         raise InvalidArgumentError(
-            f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALISATIONS)}."
+            f"{{param}} {mode!r} is unknown; choose one of {', '.join(NORMALISATIONS)}.",
+            "normalisation",
         )
     return mode
-
-
-def latent_shape(height: int, width: int) -> tuple[int, int, int]:
-    """FLUX's unpacked latent shape (16, H/8, W/8) for an image of `height` x `width` pixels."""
-    return LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR
 
 
 def vertex_latents(seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
@@ -167,7 +164,7 @@ def load_vertices(path: str | Path, height: int, width: int, count: int = 3) -> 
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidArgumentError(
-            f"--vertices {path} does not exist; give a .npy or .safetensors file"
+            f"{{param}} {path} does not exist; give a .npy or .safetensors file", "vertices"
         )
     try:
         if path.suffix == ".npy":
@@ -182,15 +179,20 @@ def load_vertices(path: str | Path, height: int, width: int, count: int = 3) -> 
                 else torch.stack([tensors[f"z{k}"] for k in range(count)])
             )
         else:
-            raise InvalidArgumentError(f"--vertices {path}: use a .npy or .safetensors file")
+            raise InvalidArgumentError(
+                f"{{param}} {path}: use a .npy or .safetensors file", "vertices"
+            )
     except (KeyError, ValueError, OSError) as err:
         if isinstance(err, InvalidArgumentError):
             raise
-        raise InvalidArgumentError(f"--vertices {path} could not be read: {err}") from err
+        raise InvalidArgumentError(
+            f"{{param}} {path} could not be read: {err}", "vertices"
+        ) from err
     expected = (count, *latent_shape(height, width))
     if tuple(v.shape) != expected:
         raise InvalidArgumentError(
-            f"--vertices {path} holds shape {tuple(v.shape)}; a {width}x{height} sweep needs {expected}"
+            f"{{param}} {path} holds shape {tuple(v.shape)}; a {width}x{height} sweep needs {expected}",
+            "vertices",
         )
     return v.to(torch.float32)
 

@@ -1,8 +1,10 @@
 """One-dimensional paths between two latents: linear with renormalisation, and spherical.
 
-    zs = lerp_path(z0, z1, 9)    # [9, 16, h, w]: straight line, every point rescaled to norm sqrt(d)
-    zs = slerp_path(z0, z1, 9)   # [9, 16, h, w]: great-circle arc, norms interpolated linearly
-    z, before, after = path_latents(vertices, spec, points)   # a sweep's path points (GridSpec.path)
+    z0, z1 = vertex_latents((0, 123), height=64, width=64)   # [16, 8, 8] each
+    zs = lerp_path(z0, z1, 9)    # [9, 16, 8, 8]: straight line, every point rescaled to norm sqrt(d)
+    zs = slerp_path(z0, z1, 9)   # [9, 16, 8, 8]: great-circle arc, norms interpolated linearly
+    grid = GridSpec(n_alpha=9, n_beta=1, path="slerp")           # a sweep's path
+    z, before, after = path_latents(torch.stack([z0, z1]), grid, grid.points())
 
 Both include the end points. Latents are [C, h, w] (or any shape); computation is in float32.
 `lerp_at` / `slerp_at` take the positions t [n] themselves (t outside [0, 1] extrapolates); every

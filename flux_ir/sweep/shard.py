@@ -1,6 +1,7 @@
 """Many processes, one sweep: rank and world size from torchrun / accelerate, sharding, barriers.
 
     dist = Distributed.from_env()          # RANK / WORLD_SIZE / LOCAL_RANK, set by torchrun and accelerate
+    points = list(range(10))
     mine = dist.shard(points)              # points[rank::world]
     dist.barrier()                         # gloo on CPU, nccl on CUDA; a no-op for one process
 

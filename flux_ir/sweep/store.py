@@ -3,9 +3,10 @@
     store = SweepStore("output/sweep")
     store.claim(cfg)                     # new directory, or the same sweep again; a different one is refused
     todo = store.pending(cfg.grid.points())
-    store.save_image(point, pixels)      # [H, W, 3] uint8; atomic: a PNG that exists is complete
-    store.append_points(rows, rank)      # after each batch: that batch's rows
-    store.finalise(cfg, extra)           # the merged points.csv and metadata.json
+    pixels = np.zeros((cfg.sampling.height, cfg.sampling.width, 3), dtype=np.uint8)   # [H, W, 3]
+    store.save_image(todo[0], pixels)    # atomic: a PNG that exists is complete
+    store.append_points([point_row(todo[0], 1.0, 1.0)], rank=0)   # after each batch: its rows
+    rows = store.finalise(cfg, grid_norms(cfg), extra={})          # points.csv and metadata.json
 
 Layout::
 
@@ -29,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from flux_ir.errors import InvalidArgumentError
-from flux_ir.store.atomic import atomic_path, write_text
-from flux_ir.store.png import write_png
+from flux_ir.io.atomic import atomic_path, write_text
+from flux_ir.io.png import write_png
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.grid import GridPoint
 
@@ -57,7 +58,8 @@ class SweepStore:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise InvalidArgumentError(
-                f"{path} is not valid JSON ({err}); remove it or choose another --output_dir"
+                f"{path} is not valid JSON ({err}); remove it or choose another {{param}}",
+                "output_dir",
             ) from err
 
     def check(self, cfg: SweepConfig) -> bool:
@@ -66,12 +68,15 @@ class SweepStore:
         Raises InvalidArgumentError if it holds a different sweep, or is not a writable directory.
         """
         if self.root.exists() and not self.root.is_dir():
-            raise InvalidArgumentError(f"--output_dir {self.root} is a file; choose a directory")
+            raise InvalidArgumentError(
+                f"{{param}} {self.root} is a file; choose a directory", "output_dir"
+            )
         meta = self.read_metadata()
         if meta is None:
             if self.images.is_dir() and any(self.images.iterdir()):
                 raise InvalidArgumentError(
-                    f"{self.root} holds images but no {METADATA}; choose another --output_dir"
+                    f"{self.root} holds images but no {METADATA}; choose another {{param}}",
+                    "output_dir",
                 )
             return False
         theirs, ours = meta.get("sweep", {}), cfg.signature()
@@ -79,7 +84,8 @@ class SweepStore:
             differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise InvalidArgumentError(
                 f"{self.root} holds a different sweep (differs in: {', '.join(differ)}). Re-run with the "
-                "same settings to resume it, or choose another --output_dir."
+                "same settings to resume it, or choose another {param}.",
+                "output_dir",
             )
         return True
 

@@ -1,9 +1,9 @@
 """Write a sweep's files on a background thread while the device computes the next batch.
 
     with BackgroundWriter(max_pending=2) as writer:
-        for batch in batches:
-            pixels = generate(batch)
-            writer.submit(save, batch, pixels)   # waits only while `max_pending` jobs are queued
+        for k in range(3):
+            pixels = np.full((8, 8, 3), k, dtype=np.uint8)        # made on the main thread
+            writer.submit(write_png, f"image_{k}.png", pixels)   # waits only while 2 jobs are queued
     # here every submitted job has run, in order; the first error of a job is raised
 
 Jobs run one at a time, in submission order, on one thread. The first job that fails stops the

@@ -1,6 +1,7 @@
 """Read a shape scene back from its pixels: background, shape colour and shape class.
 
-    result = check_images(images)        # images [B, 3, H, W] in [0, 1]
+    images = make_scenes(4, size=64, seed=0).images   # [B, 3, H, W] in [0, 1]
+    result = check_images(images)
     result.shape, result.colour          # [B] indices into SHAPES (or NO_SHAPE) / COLOURS
 
 Geometry, not learning: the background is the median of the border pixels; the shape is every pixel far

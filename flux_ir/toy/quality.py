@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 
 from flux_ir.analysis.lipschitz import embedding_grid, lipschitz_edges, lipschitz_field
-from flux_ir.capture import GenerationOptions, run_capture
+from flux_ir.capture import CaptureOptions, Selection, run_capture
+from flux_ir.geometry import pack_latents
 from flux_ir.lens.blocks import block_steps, decode_capture
 from flux_ir.models.registry import ModelSpec
-from flux_ir.sweep.generate import pack
+from flux_ir.sampling import SamplingOptions, generate
 from flux_ir.sweep.grid import GridSpec, grid_latents, vertex_latents
 from flux_ir.toy.checker import NO_SHAPE, check_images
 from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption
@@ -48,52 +50,24 @@ def device_of(pipe: FluxPipeline) -> torch.device:
     return torch.device(pipe._execution_device)
 
 
-@torch.inference_mode()
-def generate(
+def generate_images(
     pipe: FluxPipeline,
+    opts: SamplingOptions,
     prompts: list[str],
     seeds: list[int],
-    *,
-    size: int = 128,
-    steps: int = 16,
     latents: torch.Tensor | None = None,
-    max_sequence_length: int = 16,
-    true_cfg_scale: float = 1.0,
-    negative_prompt: str | None = None,
 ) -> torch.Tensor:
-    """Images [B, 3, size, size] in [0, 1], one per prompt; noise from CPU generators (or packed
-    `latents` [B, N, 64]); true CFG against `negative_prompt` when `true_cfg_scale` > 1."""
-    cfg = {}
-    if true_cfg_scale > 1 and negative_prompt is not None:
-        cfg = dict(negative_prompt=[negative_prompt] * len(prompts), true_cfg_scale=true_cfg_scale)
-    out = pipe(
-        **cfg,
-        prompt=prompts,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        guidance_scale=0.0,
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        latents=latents,
-        max_sequence_length=max_sequence_length,
-        output_type="pt",
-    )
+    """Images [B, 3, H, W] in [0, 1] on the CPU, one per prompt, sampled as `opts` says (its true
+    CFG included); noise from one CPU generator per seed (or packed `latents` [B, N, 64])."""
+    out = generate(pipe, opts, prompts=prompts, seed=seeds, latents=latents, output_type="pt")
     return out.images.float().cpu()
 
 
 def prompt_adherence(
-    pipe: FluxPipeline,
-    n: int = 200,
-    *,
-    size: int = 128,
-    steps: int = 16,
-    batch: int = 50,
-    seed: int = 0,
-    true_cfg_scale: float = 1.0,
-    negative_prompt: str | None = None,
+    pipe: FluxPipeline, opts: SamplingOptions, n: int = 200, *, batch: int = 50, seed: int = 0
 ) -> dict:
     """Share of `n` samples of random full captions whose asked colour / shape the checker finds
-    (sampled with true CFG when `true_cfg_scale` > 1 and a `negative_prompt` is given)."""
+    (sampled as `opts` says, with its true CFG)."""
     rng = random.Random(seed)
     asked = []
     for _ in range(n):
@@ -105,10 +79,7 @@ def prompt_adherence(
         chunk = asked[start : start + batch]
         prompts = [caption(SHAPES[s], COLOURS[c], COLOURS[b]) for s, c, b in chunk]
         seeds = list(range(seed * 100_000 + start, seed * 100_000 + start + len(chunk)))
-        images = generate(
-            pipe, prompts, seeds, size=size, steps=steps,
-            true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
-        )  # fmt: skip
+        images = generate_images(pipe, opts, prompts, seeds)
         found = check_images(images)
         want = torch.tensor(chunk)
         shape_ok += (found.shape == want[:, 0]).sum().item()
@@ -128,22 +99,16 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def lens_convergence(
-    pipe: FluxPipeline,
-    spec: ModelSpec,
-    prompts: list[str],
-    *,
-    size: int = 128,
-    steps: int = 16,
-    seed: int = 0,
+    pipe: FluxPipeline, opts: SamplingOptions, prompts: list[str], *, seed: int = 0
 ) -> dict:
     """Per prompt: -Spearman(depth, distance of the block's x0 decode at the last step to the final
-    image). 1 means the distance falls strictly with depth."""
-    values = []
+    image). 1 means the distance falls strictly with depth. Sampled without true CFG (one pass per
+    step), so that the last block's decode is the image itself."""
+    values, distances = [], []
+    last = Selection(steps=(-1,))
     for i, prompt in enumerate(prompts):
-        opts = GenerationOptions(
-            prompt, size, size, steps, seed + i, max_sequence_length=spec.max_sequence_length
-        )
-        images, cap = run_capture(pipe, opts, model_name=spec.name, steps=[steps - 1])
+        sampling = replace(opts, prompt=prompt, true_cfg_scale=1.0)
+        images, cap = run_capture(pipe, CaptureOptions(sampling, seed + i), selection=last)
         final = _pixels(images[0])
         items = block_steps(cap)
         dist = torch.tensor(
@@ -153,7 +118,12 @@ def lens_convergence(
             ]
         )
         values.append(-spearman(torch.arange(len(dist)).float(), dist))
-    return dict(lens_spearman=sum(values) / len(values), lens_spearman_per_prompt=values)
+        distances.append(dist.tolist())
+    return dict(
+        lens_spearman=sum(values) / len(values),
+        lens_spearman_per_prompt=values,
+        lens_distances=distances,  # per prompt, per block in depth order: mean |pixel| difference
+    )
 
 
 def _pixels(image) -> torch.Tensor:
@@ -164,10 +134,9 @@ def _pixels(image) -> torch.Tensor:
 
 def phase_grid(
     pipe: FluxPipeline,
+    opts: SamplingOptions,
     grid: int = 20,
     *,
-    size: int = 128,
-    steps: int = 16,
     anchor_seeds: tuple[int, int, int] = (0, 1, 2),
     span: tuple[float, float] = (-0.5, 1.5),
     batch: int = 50,
@@ -182,21 +151,15 @@ def phase_grid(
     """
     spec = GridSpec(alpha=span, beta=span, n_alpha=grid, n_beta=grid, normalisation="annulus")
     points = spec.points()
-    vertices = vertex_latents(anchor_seeds, size, size)
+    neutral = replace(opts, prompt=NEUTRAL_CAPTION, true_cfg_scale=1.0)
+    vertices = vertex_latents(anchor_seeds, neutral.height, neutral.width)
     z, _, _ = grid_latents(vertices, spec, points)
-    packed = pack(z)
+    packed = pack_latents(z)
     images = []
     for start in range(0, len(packed), batch):
         chunk = packed[start : start + batch].to(device_of(pipe), pipe.transformer.dtype)
         images.append(
-            generate(
-                pipe,
-                [NEUTRAL_CAPTION] * len(chunk),
-                [0] * len(chunk),
-                size=size,
-                steps=steps,
-                latents=chunk,
-            )  # fmt: skip
+            generate_images(pipe, neutral, [NEUTRAL_CAPTION] * len(chunk), [0] * len(chunk), chunk)
         )
     images = torch.cat(images)
     rows, cols = [p.row for p in points], [p.col for p in points]
@@ -241,19 +204,14 @@ def boundary_ratio(lip: torch.Tensor, classes: torch.Tensor) -> dict:
     )
 
 
-def cpu_seconds(
-    pipe: FluxPipeline, *, size: int = 128, steps: int = 16, threads: int = 2, **cfg
-) -> float:
-    """Seconds for one `size`² image on `threads` CPU threads (after one warm-up run); `cfg`:
-    `true_cfg_scale` and `negative_prompt` as for `generate`."""
+def cpu_seconds(pipe: FluxPipeline, opts: SamplingOptions, *, threads: int = 2) -> float:
+    """Seconds for one image sampled as `opts` says on `threads` CPU threads (after one warm-up)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        generate(pipe, ["a red circle on a blue background"], [0], size=size, steps=steps, **cfg)
+        generate_images(pipe, opts, ["a red circle on a blue background"], [0])
         t0 = time.perf_counter()
-        generate(
-            pipe, ["a green triangle on a white background"], [1], size=size, steps=steps, **cfg
-        )
+        generate_images(pipe, opts, ["a green triangle on a white background"], [1])
         return time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
@@ -269,22 +227,22 @@ def measure_all(
     batch: int = 50,
     skip_cpu: bool = False,
 ) -> dict:
-    """Every bar: figures plus `passed` flags. Runs where `pipe` is; the CPU timing moves a copy."""
-    size = int(pipe.vae.config.sample_size)
-    steps = spec.num_steps
-    report: dict = dict(model=spec.name, size=size, steps=steps)
+    """Every bar: figures plus `passed` flags, sampled with the model's defaults (`spec`). Runs where
+    `pipe` is; the CPU timing moves the pipeline to the CPU."""
+    size = int(pipe.vae.config.sample_size)  # the architecture's native size
+    opts = SamplingOptions.from_spec(spec, width=size, height=size)
+    report: dict = dict(model=spec.name, size=size, steps=opts.num_steps)
     report["vae_psnr_db"] = vae_psnr(pipe, 512, size, seed=12345, device=device_of(pipe))
-    cfg = dict(true_cfg_scale=spec.true_cfg_scale, negative_prompt=spec.negative_prompt)
-    report.update(cfg)
-    report.update(prompt_adherence(pipe, samples, size=size, steps=steps, batch=batch, **cfg))
+    report.update(true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt)
+    report.update(prompt_adherence(pipe, opts, samples, batch=batch))
     prompts = [
         caption(SHAPES[i % 3], COLOURS[i % 6], COLOURS[(i + 1 + i // 6) % 6])
         for i in range(lens_prompts)
     ]
-    report.update(lens_convergence(pipe, spec, prompts, size=size, steps=steps))
-    report["phases"] = phase_grid(pipe, grid, size=size, steps=steps, batch=batch)
+    report.update(lens_convergence(pipe, opts, prompts))
+    report["phases"] = phase_grid(pipe, opts, grid, batch=batch)
     if not skip_cpu:
-        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), size=128, steps=steps, **cfg)
+        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), opts)
     report["passed"] = passed(report)
     return report
 
@@ -302,3 +260,56 @@ def passed(report: dict) -> dict:
     if "cpu_seconds" in report:
         out["cpu_seconds"] = report["cpu_seconds"] <= BARS["cpu_seconds"]
     return out
+
+
+def table(report: dict) -> str:
+    """Markdown table of figure / bar / pass."""
+    ph = report["phases"]
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in ph["class_share"].items())
+    rows = [
+        (
+            "VAE PSNR (dB)",
+            f"{report['vae_psnr_db']:.2f}",
+            f">= {BARS['vae_psnr_db']}",
+            "vae_psnr_db",
+        ),
+        (
+            "colour found",
+            f"{report['colour_accuracy']:.1%}",
+            f">= {BARS['colour_accuracy']:.0%}",
+            "colour_accuracy",
+        ),
+        (
+            "shape found",
+            f"{report['shape_accuracy']:.1%}",
+            f">= {BARS['shape_accuracy']:.0%}",
+            "shape_accuracy",
+        ),
+        (
+            "lens Spearman",
+            f"{report['lens_spearman']:.3f}",
+            f">= {BARS['lens_spearman']}",
+            "lens_spearman",
+        ),
+        ("grid classes", shares, ">= 2 with >= 10%", "phases"),
+        (
+            "Lipschitz boundary/inside (scene classes)",
+            f"{ph['lipschitz_ratio']:.2f} (shape classes only: {ph['shape_only']['lipschitz_ratio']:.2f})",
+            f">= {BARS['lipschitz_ratio']}",
+            "lipschitz_ratio",
+        ),
+    ]
+    if "cpu_seconds" in report:
+        rows.append(
+            (
+                "CPU s / 128² image",
+                f"{report['cpu_seconds']:.2f}",
+                f"<= {BARS['cpu_seconds']}",
+                "cpu_seconds",
+            )
+        )
+    lines = ["| figure | value | bar | passed |", "|---|---|---|---|"]
+    lines += [
+        f"| {a} | {b} | {c} | {'yes' if report['passed'][k] else 'NO'} |" for a, b, c, k in rows
+    ]
+    return "\n".join(lines)

@@ -36,8 +36,8 @@ from diffusers import FluxPipeline
 from safetensors.torch import save_model
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.io.atomic import atomic_path
 from flux_ir.models.toy import ARCH, CONFIG_FILE, SMOKE_ARCH, build_toy_pipeline
-from flux_ir.store.atomic import atomic_path
 from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption, make_scenes
 
 LOG_FILE = "losses.json"
@@ -73,11 +73,24 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer's repeated blocks (CUDA)
     arch: dict = field(default_factory=lambda: copy.deepcopy(ARCH))
 
+    def __post_init__(self) -> None:
+        if self.time_budget_s <= self.reserve_s:
+            raise InvalidArgumentError(
+                f"{{param}} must exceed the {self.reserve_s:.0f} s kept for the export, "
+                f"got {self.time_budget_s}",
+                "time_budget_s",
+            )
+        for name in ("vae_steps", "dit_steps", "batch", "vae_batch", "num_latents"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(
+                    f"{{param}} must be a positive integer, got {value!r}", name
+                )
+
     @classmethod
     def smoke_config(cls, **kw) -> TrainConfig:
         base = dict(
-            smoke=True,
-            time_budget_s=60.0,
+            smoke=True,  # a few steps: the step counts end it, not the (default) time budget
             reserve_s=5.0,
             vae_batch=4,
             vae_steps=3,

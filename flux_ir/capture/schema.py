@@ -1,9 +1,10 @@
-"""`Capture`: one run's block outputs, denoising context and metadata, in the original tool's schema.
+"""The capture schema: `Capture` (one run's block outputs, denoising context and metadata, in the
+original tool's schema) and how it is assembled from a trace's per-pass records.
 
-    cap = flux_ir.load_capture("capture_20260101_120000_flux-dev.pt")
-    cap["single", 37]          # list over steps of [B, L + N, D] tensors ([txt; img])
-    cap["double", 3, 0]        # (img [B, N, D], txt [B, L, D]) at step 0
-    cap.image_tokens("double", 3, step=0)   # [B, N, D]
+    cap = load_capture(path)   # e.g. a flux-tiny capture: 2 double and 4 single blocks
+    cap["single", 3]           # list over steps of [B, L + N, D] tensors ([txt; img])
+    cap["double", 1, 0]        # (img [B, N, D], txt [B, L, D]) at step 0
+    cap.image_tokens("double", 1, step=0)   # [B, N, D]
     cap.text_tokens("single", 0, step=0)    # [B, L, D]
 
 `cap.to_dict()` is exactly what `torch.load(path)` returns: `double_blocks`, `single_blocks`,
@@ -15,11 +16,14 @@ CFG ran). Keys are `block_{i}`; lists are indexed by position among the captured
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flux_ir.errors import CaptureFileError
+
+if TYPE_CHECKING:
+    from flux_ir.capture.trace import PassRecord
 
 KINDS = ("double", "single")
 
@@ -137,3 +141,73 @@ class Capture:
         if step not in steps:
             raise KeyError(f"step {step} was not captured (captured steps: {steps})")
         return steps.index(step)
+
+
+# -- assembling a capture ----------------------------------------------------------------------
+def build_capture(
+    records: dict[str, PassRecord],
+    sigmas: list[float],
+    guidance: float | None,
+    final_latents: torch.Tensor,
+    metadata: dict,
+) -> Capture:
+    """Assemble the original tool's schema from a trace's per-pass records ("cond", "uncond")."""
+    cond = records["cond"]
+    n = len(cond.img_state)
+    context = {
+        "y": cond.y,
+        "img_state": cond.img_state,
+        "timestep_pairs": [(sigmas[k], sigmas[k + 1]) for k in range(n)],
+        "txt_seq_len": cond.txt_seq_len,
+        "guidance": guidance,
+        "temb": cond.temb,
+        "final_latents": final_latents.detach().to("cpu", copy=True),
+        "true_cfg_scale": metadata["true_cfg_scale"],
+    }
+    cap = Capture(
+        double_blocks=_double(cond),
+        single_blocks=_single(cond),
+        denoising_context=context,
+        metadata=plain(metadata),
+    )
+    if "uncond" in records:
+        unc = records["uncond"]
+        context.update(y_uncond=unc.y, temb_uncond=unc.temb, txt_seq_len_uncond=unc.txt_seq_len)
+        cap.double_blocks_uncond = _double(unc)
+        cap.single_blocks_uncond = _single(unc)
+    return cap
+
+
+def _double(rec: PassRecord) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    return {f"block_{i}": list(v) for i, v in sorted(rec.double.items())}
+
+
+def _single(rec: PassRecord) -> dict[str, list[torch.Tensor]]:
+    """Single-block outputs as the original tool stored them: `[txt; img]` along the sequence."""
+    return {f"block_{i}": [joint_single(x) for x in v] for i, v in sorted(rec.single.items())}
+
+
+def joint_single(value: torch.Tensor | tuple) -> torch.Tensor:
+    """A single block's record as one tensor: `[txt; img]` [B, L + N, D] (or the one stream captured)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    parts = [p for p in value if p is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def plain(obj):
+    """Builtin types only (str subclasses such as torch's version become str), for weights_only loads."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return (
+            type(obj)(plain(v) for v in obj)
+            if type(obj) in (list, tuple)
+            else list(map(plain, obj))
+        )
+    if isinstance(obj, bool) or obj is None:
+        return obj
+    for t in (int, float, str):
+        if isinstance(obj, t):
+            return t(obj)
+    raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not a plain type")

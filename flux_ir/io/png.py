@@ -1,7 +1,8 @@
 """PNG files from uint8 pixel arrays, encoded without holding Python's GIL for the compression.
 
-    data = encode_png(pixels)          # pixels [H, W, 3] (or [H, W, 4], [H, W]) uint8 -> PNG bytes
-    write_png(path, pixels)            # atomically: a PNG that exists is complete
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)   # [H, W, 3] (or [H, W, 4], [H, W]) uint8
+    data = encode_png(pixels)                        # PNG bytes
+    write_png("black.png", pixels)                   # atomically: a PNG that exists is complete
 
 Pillow compresses PNG data inside one C call that keeps the GIL, so a thread encoding images stalls a
 main thread that is busy launching GPU kernels. Here the rows are filtered with numpy (whole-image
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flux_ir.store.atomic import atomic_path
+from flux_ir.io.atomic import atomic_path
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (grey, RGB, RGBA)

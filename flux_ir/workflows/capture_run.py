@@ -1,50 +1,34 @@
 """A capture run on disk: generate, save the capture, decode every block, draw the mosaic.
 
-run_dir = capture_to_dir(pipe, spec, opts, "output")
-# output/20260101_120000_flux-dev/img_0.jpg
-# output/.../intermediates/capture_20260101_120000_flux-dev.pt  (+ metadata_*.json)
-# output/.../intermediates/decoded/double_block_{i}_step_{k}.jpg, single_block_{i}_step_{k}.jpg
-# output/.../intermediates/mosaic_x0.jpg
+    run_dir = capture_to_dir(pipe, spec, opts, "output")
+    # output/20260101_120000_flux-tiny/img_0.jpg
+    # output/.../intermediates/capture_20260101_120000_flux-tiny.pt  (+ metadata_*.json)
+    # output/.../intermediates/decoded/double_block_{i}_step_{k}.jpg, single_block_{i}_step_{k}.jpg
+    # output/.../intermediates/mosaic_x0.jpg
+
+Every file is written under a temporary name and renamed, so a file that looks complete is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffusers import FluxPipeline
-from PIL import ExifTags, Image
 
-from flux_ir.capture import Capture, GenerationOptions, run_capture
+from flux_ir.capture import Capture, CaptureOptions, run_capture
 from flux_ir.capture.copy import HostCopier
 from flux_ir.capture.run import timestamp
 from flux_ir.capture.select import Selection
-from flux_ir.lens import BlockStep, block_steps, decode_capture
+from flux_ir.errors import InvalidArgumentError
+from flux_ir.io.images import sampling_exif, save_image
+from flux_ir.lens import BlockStep, LensOptions, block_steps, decode_capture
 from flux_ir.models import ModelSpec
 from flux_ir.plots import labelled_grid
-from flux_ir.store import (
-    ShardWriter,
-    atomic_path,
-    load_capture,
-    save_capture,
-    save_metadata_json,
-)
+from flux_ir.store import ShardWriter, load_capture, save_capture, save_metadata_json
 
-
-def save_image(image: Image.Image, path: Path, exif: Image.Exif | None = None) -> Path:
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    with atomic_path(path) as tmp:
-        kwargs = {"quality": 95} if fmt == "JPEG" else {}
-        image.save(tmp, format=fmt, exif=exif if exif is not None else Image.Exif(), **kwargs)
-    return path
-
-
-def sampling_exif(model: str, prompt: str) -> Image.Exif:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Software] = "flux-ir"
-    exif[ExifTags.Base.Make] = "Black Forest Labs"
-    exif[ExifTags.Base.Model] = model
-    exif[ExifTags.Base.ImageDescription] = prompt
-    return exif
+FORMATS = ("pt", "shards")
+X0_LENS = LensOptions()  # the default decoding: x0, batches of 8
 
 
 def new_run_dir(output_dir: Path, model_name: str, stamp: str) -> Path:
@@ -57,26 +41,45 @@ def new_run_dir(output_dir: Path, model_name: str, stamp: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class CaptureRunOptions:
+    """What a capture run writes besides the images: `selection` (what to record), `decode` (lens
+    decodes and the mosaic; None: off; the lens needs every image token), `store_format` ("pt": one
+    `capture_*.pt` at the end; "shards": a `capture_*/` directory of safetensors shards streamed while
+    generating, host memory bounded by a few steps) and `add_sampling_metadata` (the prompt in EXIF)."""
+
+    selection: Selection = field(default_factory=Selection)
+    decode: LensOptions | None = field(default_factory=LensOptions)
+    store_format: str = "pt"
+    add_sampling_metadata: bool = True
+
+    def __post_init__(self) -> None:
+        if self.store_format not in FORMATS:
+            raise InvalidArgumentError(
+                f"{{param}} {self.store_format!r}: choose one of {', '.join(FORMATS)}",
+                "store_format",
+            )
+        sel = self.selection
+        if self.decode is not None and (sel.streams == "txt" or sel.reduce is not None):
+            raise InvalidArgumentError(
+                "the lens needs every image token: with streams txt or a reduction, turn {param} off.",
+                "decode",
+            )
+
+
 def capture_to_dir(
     pipe: FluxPipeline,
     spec: ModelSpec,
-    opts: GenerationOptions,
+    opts: CaptureOptions,
     output_dir: str | Path,
+    run: CaptureRunOptions | None = None,
     *,
-    decode: bool = True,
-    decode_target: str = "x0",
-    decode_batch_size: int = 8,
-    add_sampling_metadata: bool = True,
-    extra_metadata: dict | None = None,
-    selection: Selection | None = None,
     copier: HostCopier | None = None,
-    store_format: str = "pt",
+    extra_metadata: dict | None = None,
 ) -> Path:
-    """Run one capture and write the run directory; returns its path.
-
-    `store_format` "pt" writes one `capture_*.pt` at the end; "shards" streams a `capture_*/`
-    directory of safetensors shards while generating (host memory bounded by a few steps).
-    """
+    """Run one capture and write the run directory (layout in the module docstring); returns its path."""
+    run = run or CaptureRunOptions()
+    selection, store_format, decode = run.selection, run.store_format, run.decode
     stamp = timestamp()
     run_kw = dict(
         model_name=spec.name, extra_metadata=extra_metadata, selection=selection, copier=copier
@@ -98,12 +101,12 @@ def capture_to_dir(
         cap.metadata["run_id"] = run_dir.name
         inter = run_dir / "intermediates"
         save_capture(cap, inter / f"capture_{stamp}_{spec.name}.pt")
-    exif = sampling_exif(spec.name, opts.prompt) if add_sampling_metadata else None
+    exif = sampling_exif(spec.name, opts.sampling.prompt) if run.add_sampling_metadata else None
     for i, img in enumerate(images):
         save_image(img, run_dir / f"img_{i}.jpg", exif)
     save_metadata_json(cap.metadata, inter / f"metadata_{stamp}_{spec.name}.json")
-    if decode:
-        decode_to_dir(pipe, cap, inter, target=decode_target, batch_size=decode_batch_size)
+    if decode is not None:
+        decode_to_dir(pipe, cap, inter, decode)
     return run_dir
 
 
@@ -111,21 +114,22 @@ def decode_to_dir(
     pipe: FluxPipeline,
     cap: Capture,
     intermediates_dir: str | Path,
-    target: str = "x0",
-    batch_size: int = 8,
+    lens: LensOptions = X0_LENS,
     progress: bool = True,
 ) -> Path:
-    """Decode every captured (block, step) into `decoded/` and write `mosaic_{target}.jpg`.
+    """Decode every captured (block, step) into `decoded/` (target x0) or `decoded_next/` and write
+    `mosaic_{target}.jpg`; decodes of different targets never overwrite each other.
 
     File names: `{kind}_block_{i}_step_{k}.jpg` (first image of the batch; `_b{j}` for the others).
     Returns the mosaic's path.
     """
     inter = Path(intermediates_dir)
-    decoded = inter / "decoded"
+    target = lens.target
+    decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")
     decoded.mkdir(parents=True, exist_ok=True)
     items = block_steps(cap)
     thumbs = {}
-    for item, images in decode_capture(pipe, cap, items, target, batch_size, progress):
+    for item, images in decode_capture(pipe, cap, items, target, lens.batch_size, progress):
         for j, img in enumerate(images):
             suffix = "" if j == 0 else f"_b{j}"
             save_image(img, decoded / f"{item.name}{suffix}.jpg")
