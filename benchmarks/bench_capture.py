@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 import time
 from unittest import mock
 
@@ -55,10 +54,12 @@ from flux_ir.sampling import encode_prompt
 NOTE = __doc__.split("What is measured:")[1]
 
 
-class PerTensorAsyncCopier:
-    """The earlier prototype, for comparison: per-tensor side-stream copy with record_stream."""
+class PerTensorAsyncCopier(SyncCopier):
+    """The earlier prototype, for comparison: per-tensor side-stream copy with record_stream
+    (flush and fence as SyncCopier's: every copy is issued at once, and no sink asks for a fence)."""
 
     def __init__(self):
+        super().__init__()
         self.stream = torch.cuda.Stream()
         self.bufs: list[torch.Tensor] = []
         self.i = 0
@@ -73,16 +74,6 @@ class PerTensorAsyncCopier:
             b.copy_(t, non_blocking=True)
             t.record_stream(self.stream)
         return b
-
-    def flush(self) -> None:  # every copy is issued at once
-        pass
-
-    def fence(self) -> threading.Event:
-        """Blocking (waits for the side stream); only a trace with a sink asks, not this benchmark."""
-        self.stream.synchronize()
-        done = threading.Event()
-        done.set()
-        return done
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -48,7 +48,7 @@ from common import (
 )
 
 from flux_ir.capture import BlockTrace
-from flux_ir.capture.copy import AsyncCopier
+from flux_ir.capture.copy import AsyncCopier, SyncCopier
 from flux_ir.sampling import encode_prompt
 
 NOTE = __doc__.split("What is measured:")[1]
@@ -67,22 +67,11 @@ COLUMNS = [
 ]
 
 
-class KeepOnDevice:
+class KeepOnDevice(SyncCopier):
     """A copier that returns the tensor itself (nothing leaves the device)."""
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
-    def flush(self) -> None:
-        pass
-
-    def fence(self) -> threading.Event:
-        done = threading.Event()
-        done.set()
-        return done
-
-    def synchronize(self) -> None:
-        pass
 
 
 class QueueOnly(AsyncCopier):

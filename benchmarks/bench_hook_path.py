@@ -13,7 +13,6 @@ step of flux-dev calls 57 block hooks: multiply by 57 for the main thread's cost
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
@@ -26,20 +25,11 @@ from flux_ir.capture.trace import BlockTrace, PassRecord
 NOTE = __doc__.split("What is measured:")[1]
 
 
-class NullCopier:
+class NullCopier(SyncCopier):
+    """Returns the tensor itself: the cost of the hook path alone."""
+
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
-    def flush(self) -> None:
-        pass
-
-    def fence(self) -> threading.Event:
-        done = threading.Event()
-        done.set()
-        return done
-
-    def synchronize(self) -> None:
-        pass
 
 
 def blocks() -> nn.Module:
