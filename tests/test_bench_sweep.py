@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def test_smoke_benchmark_writes_json_and_table(tmp_path, monkeypatch):
     sys.modules.pop("bench_sweep", None)
 
 
+@pytest.mark.slow
 def test_scaling_smoke_runs_two_ranks_on_their_own_shards(tmp_path):
     import os
     import subprocess

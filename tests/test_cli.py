@@ -145,6 +145,7 @@ def test_unwritable_output_dir_is_refused(tmp_path, capsys):
     assert "--output_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_main_command(tmp_path):
     """The README's first command, as a newcomer runs it (256x256, 4 steps, every block decoded)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -115,3 +115,19 @@ def test_the_main_modules_show_an_example():
         "flux_ir.workflows.capture_run",
     ]  # fmt: skip
     assert [m for m in main if example_block(importlib.import_module(m)) is None] == []
+
+
+def readme_block(heading: str) -> str:
+    """The first python code block under a README heading."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_from_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("## From Python"), "<README From Python>", "exec"), scope)
+    assert scope["cap"].image_tokens("single", 7, step=15).shape == (1, 64, 128)
+    assert scope["cap"].captured_steps == [0, 15]
+    assert scope["image"].size == (128, 128)

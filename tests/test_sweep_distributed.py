@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from flux_ir.models import resolve_model
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
@@ -15,6 +16,7 @@ from tests.test_sweep_generate import assert_same_images, pixels
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_shards_equal_to_one_process(tiny, tmp_path):
     out = tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -74,15 +74,10 @@ def run_capture(
     guidance = effective_guidance(pipe, sampling.guidance)
     metadata = {
         "model": model_name,
-        "prompt": sampling.prompt,
-        "negative_prompt": sampling.negative_prompt,
-        "width": sampling.width,
-        "height": sampling.height,
-        "num_steps": sampling.num_steps,
-        "seed": opts.seed,
+        **sampling.to_dict(),  # every sampling setting, as asked; then what the model saw:
         "guidance": guidance,
         "true_cfg_scale": sampling.true_cfg_scale if sampling.true_cfg else 1.0,
-        "max_sequence_length": sampling.max_sequence_length,
+        "seed": opts.seed,
         "num_images": opts.num_images,
         "timesteps": sigmas[:-1],
         "sigmas": sigmas,
