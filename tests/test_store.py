@@ -1,6 +1,7 @@
 """Capture files: plain torch.load, the README example, atomic writes, clear errors on bad files."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,27 +38,30 @@ def test_load_capture_round_trip(saved):
     assert torch.equal(loaded.denoising_context["temb"][1], cap.denoising_context["temb"][1])
 
 
-def test_readme_loading_example_runs_verbatim(saved):
+def test_readme_loading_example_runs_verbatim(saved, tmp_path, monkeypatch):
     path, _ = saved
     text = README.read_text()
-    block = re.search(r"```python\n(import torch\n.*?)```", text, re.S)
+    block = re.search(r"```python\n(from pathlib import Path\n\nimport torch\n.*?)```", text, re.S)
     assert block, "README lost its loading example"
-    code = block.group(1)
-    assert "capture_YYYYMMDD_HHMMSS_flux-schnell.pt" in code
-    code = re.sub(r'"output/[^"]*capture_YYYYMMDD_HHMMSS_flux-schnell\.pt"', repr(str(path)), code)
-    exec(compile(code, "README.md", "exec"), {})
+    run = tmp_path / "output" / "20260101_000000_flux-tiny" / "intermediates"
+    run.mkdir(parents=True)
+    shutil.copy(path, run / "capture_20260101_000000_flux-tiny.pt")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    assert scope["metadata"]["model"] == "flux-tiny"
 
 
 def test_save_leaves_no_temporary_files(saved):
     path, _ = saved
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}.sha256"]
 
 
 def test_truncated_file_gives_a_clear_error(saved, tmp_path):
     path, _ = saved
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CaptureFileError, match="truncated or corrupted"):
+    with pytest.raises(CaptureFileError, match="truncated.pt is truncated: a zip archive without"):
         load_capture(bad)
 
 

@@ -18,7 +18,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flux_ir.capture.schema import KINDS, Capture
-from flux_ir.lens.decode import LensHead, LensOptions, decode_packed, lens_latents
+from flux_ir.lens.decode import (
+    LensHead,
+    LensOptions,
+    check_capture_model,
+    decode_packed,
+    lens_latents,
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ def decode_capture(
     """
     LensOptions(target, batch_size)  # one check of both, before any work
     cap.check_image_tokens()
+    temb = cap.denoising_context.get("temb")
+    hidden = temb[0].shape[-1] if temb else None  # conditioning [B, D]: D is the blocks' width
+    check_capture_model(pipe, cap.metadata, hidden)  # a traceback of shapes otherwise
     head = LensHead.from_pipeline(pipe)
     items = block_steps(cap) if items is None else items
     height, width = cap.metadata["height"], cap.metadata["width"]

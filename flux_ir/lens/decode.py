@@ -16,6 +16,7 @@ the last block, "next" reproduces the pipeline's own next latent.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from flux_ir.errors import InvalidArgumentError
 from flux_ir.geometry import unpack_latents
 
 TARGETS = ("x0", "next")
+# (double blocks, single blocks, width) of the architectures flux-ir knows, to name a pipeline
+KNOWN_ARCHITECTURES = {(2, 4, 32): "flux-tiny", (4, 8, 128): "flux-toy", (19, 38, 3072): "FLUX.1"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,42 @@ class LensOptions:
             raise InvalidArgumentError(
                 f"{{param}} must be a positive integer, got {b!r}", "batch_size"
             )
+
+
+def pipeline_architecture(pipe: FluxPipeline) -> tuple[int, int, int]:
+    """(double blocks, single blocks, hidden width) of a pipeline's transformer (no weights read)."""
+    t = pipe.transformer
+    width = t.config.num_attention_heads * t.config.attention_head_dim
+    return len(t.transformer_blocks), len(t.single_transformer_blocks), width
+
+
+def check_capture_model(pipe: FluxPipeline, metadata: dict, width: int | None = None) -> None:
+    """Raise InvalidArgumentError (param "model") naming both models unless the capture described by
+    `metadata` (and its tensors' hidden `width`, when known) was made by `pipe`'s architecture and
+    VAE scaling. Fields that older captures lack are not compared; nothing heavy is read."""
+    ours = pipeline_architecture(pipe)
+    theirs = (metadata.get("num_double_blocks"), metadata.get("num_single_blocks"), width)
+    shape_differs = any(a is not None and a != b for a, b in zip(theirs, ours, strict=True))
+    scale, our_scale = metadata.get("vae_scaling_factor"), float(pipe.vae.config.scaling_factor)
+    vae_differs = isinstance(scale, int | float) and not math.isclose(
+        scale, our_scale, rel_tol=1e-6
+    )
+    if not (shape_differs or vae_differs):
+        return
+
+    def describe(arch: tuple, vae_scale) -> str:
+        d, s, w = (("?" if v is None else v) for v in arch)
+        vae = f", VAE scaling {vae_scale:.4g}" if vae_differs else ""
+        return f"{d} double, {s} single blocks, width {w}{vae}"
+
+    made_by = metadata.get("model")
+    name = pipe.name_or_path or KNOWN_ARCHITECTURES.get(ours, "another model")
+    fix = f"pass {{param}} {made_by}" if made_by else "load the model that made it"
+    raise InvalidArgumentError(
+        f"this capture was made by {made_by or 'another model'} ({describe(theirs, scale)}); the "
+        f"pipeline is {name} ({describe(ours, our_scale)}); {fix}",
+        "model",
+    )
 
 
 @dataclass

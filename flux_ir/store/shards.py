@@ -9,31 +9,43 @@ Layout of the directory:
     cond_step_0000.safetensors   double.{i}.img [B, N, D], double.{i}.txt [B, L, D], single.{i} [B, L+N, D]
     uncond_step_0000.safetensors (true CFG only)
     context.safetensors          img_state.{k}, y.{k}, temb.{k} (+ _uncond), final_latents
-    manifest.json                metadata, scalar context, shard names and byte sizes (written last)
+    manifest.json                metadata, scalar context, shard names and byte sizes, checksums
+                                 (sha256 of each file, CRC-32 of each tensor's bytes; written last)
 
 Tensors of single blocks hold what the `.pt` format holds (`[txt; img]`, or the captured stream).
 The run is written into a hidden temporary directory renamed into place by `finish`, so a directory
 with a manifest is complete. A background thread writes shards; the sink blocks when `max_pending`
 steps wait (backpressure), so host memory stays bounded by a few steps, not by the run.
+
+Checksums are computed from the bytes as they are written (hashing overlaps the write), never by
+reading the file back; `verify_shards` (`load_capture(dir, verify=True)`) re-reads every file and
+names the damaged file and the tensor whose bytes differ. Manifests of version 1 (flux-ir 0.1) have
+no checksums. A new `ShardWriter` removes stale temporaries (of killed runs) from its parent directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
 import shutil
 import struct
 import threading
+import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flux_ir.capture.schema import Capture, joint_single
-from flux_ir.errors import CaptureFileError
+from flux_ir.errors import CaptureFileError, FluxIRError
+from flux_ir.io.atomic import disk_full_error, remove_stale_temporaries, sha256_file, temp_path
 
 FORMAT = "flux-ir-shards"
+VERSION = 2  # 2: with "checksums"; 1 (flux-ir 0.1): without
 MANIFEST = "manifest.json"
 CONTEXT = "context.safetensors"
 ST_DTYPES = {
@@ -46,10 +58,26 @@ ST_DTYPES = {
 }
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
+@dataclass
+class FileDigest:
+    """What `write_safetensors` wrote: its size, the sha256 of the file and a CRC-32 per tensor."""
+
+    size: int
+    sha256: str
+    crc32: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "crc32": self.crc32}
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, shown_as: Path | None = None
+) -> FileDigest:
     """Write CPU tensors in the safetensors layout straight from their memory (no serialized copy).
 
-    Returns the file size in bytes; the file is fsync'ed.
+    Hashes the bytes as they are written: sha256 of the file and CRC-32 of each tensor's bytes, on
+    two helper threads that overlap the write (all three release the GIL). The file is fsync'ed.
+    Raises CaptureFileError naming `shown_as` (default `path`) when the write fails (disk full...).
     """
     header, offset = {}, 0
     for name, t in tensors.items():
@@ -62,15 +90,34 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(raw) + offset
+    head = struct.pack("<Q", len(raw)) + raw
+    size = len(head) + offset
+    sha = hashlib.sha256(head)
+    crcs: dict[str, object] = {}
+    try:
+        # one worker each: sha256 updates stay in file order, CRCs run beside them
+        with (
+            ThreadPoolExecutor(1, "flux-ir-sha256") as sha_pool,
+            ThreadPoolExecutor(1, "flux-ir-crc32") as crc_pool,
+            open(path, "wb") as f,
+        ):
+            f.write(head)
+            for name, t in tensors.items():
+                if not t.numel():
+                    crcs[name] = 0
+                    continue
+                data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+                sha_pool.submit(sha.update, data)
+                crcs[name] = crc_pool.submit(zlib.crc32, data)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        shown = shown_as or path
+        full = disk_full_error(shown, err, size)
+        raise (full or CaptureFileError(f"could not write {shown}: {err}")) from err
+    crc32 = {k: v if isinstance(v, int) else v.result() for k, v in crcs.items()}
+    return FileDigest(size, sha.hexdigest(), crc32)
 
 
 def shard_name(pass_name: str, step: int) -> str:
@@ -84,10 +131,18 @@ class ShardWriter:
         self.path = Path(directory)
         if self.path.exists():
             raise CaptureFileError(f"{self.path} already exists; choose a new capture directory")
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        remove_stale_temporaries(self.path.parent)  # leftovers of killed runs
+        self.tmp = temp_path(self.path, directory=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as err:
+            full = disk_full_error(self.tmp, err)
+            if full is None:
+                raise
+            raise full from err
         self.shards: dict[str, int] = {}
+        self.checksums: dict[str, dict] = {}
         self.bytes_written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -109,13 +164,16 @@ class ShardWriter:
                 name = shard_name(pass_name, step)
                 tensors = _flatten(items)
                 del items
-                size = write_safetensors(tensors, self.tmp / name)
-                self.shards[name] = size
-                self.bytes_written += size
+                digest = write_safetensors(tensors, self.tmp / name, self.path / name)
+                self.shards[name] = digest.size
+                self.checksums[name] = digest.to_json()
+                self.bytes_written += digest.size
             except BaseException as err:  # surfaced by the next call or finish()
                 self._error = err
 
     def _check(self) -> None:
+        if isinstance(self._error, FluxIRError):  # e.g. the disk is full: its own one-line message
+            raise self._error
         if self._error is not None:
             raise CaptureFileError(f"writing capture shards failed: {self._error}") from self._error
 
@@ -139,16 +197,25 @@ class ShardWriter:
                 scalars[key] = len(value)
             else:
                 scalars[key] = value
-        self.bytes_written += write_safetensors(tensors, self.tmp / CONTEXT)
+        digest = write_safetensors(tensors, self.tmp / CONTEXT, self.path / CONTEXT)
+        self.bytes_written += digest.size
         manifest = {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "metadata": capture.metadata,
             "context": scalars,
             "passes": sorted({n.split("_step_")[0] for n in self.shards}),
             "shards": self.shards,
+            "checksums": {**self.checksums, CONTEXT: digest.to_json()},
         }
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        text = json.dumps(manifest, indent=1)
+        try:
+            (self.tmp / MANIFEST).write_text(text)
+        except OSError as err:
+            full = disk_full_error(self.path / MANIFEST, err, len(text))
+            if full is None:
+                raise
+            raise full from err
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -220,18 +287,116 @@ class LazySteps(Sequence):
         return self.reader.get(name, f"single.{self.index}")
 
 
-def open_shards(directory: str | Path) -> Capture:
-    """A `Capture` whose block tensors are read lazily from the shards; the context is loaded."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a shard directory, checked to be one (a one-line CaptureFileError if not)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CaptureFileError(
+            f"{path.parent} holds no {MANIFEST}: not a {FORMAT} capture, or its write never finished"
+        )
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CaptureFileError(f"{directory / MANIFEST} is unreadable: {err}") from err
+        raise CaptureFileError(f"{path} is unreadable: {err}") from err
+    if not isinstance(manifest, dict):
+        raise CaptureFileError(
+            f"{path} is not a {FORMAT} manifest: a JSON {type(manifest).__name__}, not an object"
+        )
     if manifest.get("format") != FORMAT:
-        raise CaptureFileError(f"{directory} is not a {FORMAT} capture")
-    for name, size in manifest["shards"].items():
+        raise CaptureFileError(f"{path.parent} is not a {FORMAT} capture")
+    kinds = {"metadata": dict, "shards": dict, "context": dict, "passes": list}
+    missing = [k for k in kinds if k not in manifest]
+    if missing:
+        raise CaptureFileError(
+            f"{path} is damaged: it lacks {', '.join(repr(k) for k in missing)}; re-run the capture."
+        )
+    wrong = [k for k, kind in kinds.items() if not isinstance(manifest[k], kind)]
+    shards = manifest["shards"]
+    if not wrong and not all(isinstance(v, int) for v in shards.values()):
+        wrong = ["shards"]
+    md = manifest["metadata"]
+    if not wrong and not all(
+        isinstance(md.get(k), list)
+        for k in ("captured_steps", "captured_double_blocks", "captured_single_blocks")
+    ):
+        wrong = ["metadata"]
+    if wrong:
+        raise CaptureFileError(
+            f"{path} is damaged: {', '.join(repr(k) for k in wrong)} is not what flux-ir writes; "
+            "re-run the capture."
+        )
+    return manifest
+
+
+def verify_shards(directory: str | Path) -> tuple[int, int]:
+    """Check each shard and the context against the sha256 in the manifest; returns (files, bytes).
+
+    A file whose digest differs is narrowed down to the tensor whose bytes differ (CRC-32 per tensor)
+    or to its header. Raises CaptureFileError naming the file (and tensor), or saying that the
+    manifest records no checksums (flux-ir 0.1).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or not sums:
+        raise CaptureFileError(
+            f"{directory}: no checksums recorded in its {MANIFEST} (written by flux-ir 0.1), so it "
+            "cannot be verified; load it without verify."
+        )
+    names = [*manifest["shards"], CONTEXT]
+    _check_sizes(directory, manifest["shards"])
+    nbytes = 0
+    for name in names:
+        path = directory / name
+        entry = sums.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CaptureFileError(
+                f"{path}: no checksum recorded in {MANIFEST}; it cannot be verified"
+            )
+        if not path.is_file():
+            raise CaptureFileError(f"capture file {path} is missing; re-run the capture.")
+        if sha256_file(path) != entry["sha256"]:
+            raise CaptureFileError(
+                f"{path} is damaged: {_locate_damage(path, entry.get('crc32') or {})}; its sha256 "
+                f"differs from the one in {MANIFEST}. Re-run the capture to regenerate it."
+            )
+        nbytes += path.stat().st_size
+    return len(names), nbytes
+
+
+def _locate_damage(path: Path, crc32: dict) -> str:
+    """Which part of a safetensors file holds other bytes than were written: a tensor, or its header."""
+    if not crc32:
+        return "its bytes differ from those written"
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            start = 8 + n
+            bad = []
+            for key, crc in crc32.items():
+                lo, hi = header[key]["data_offsets"]
+                f.seek(start + lo)
+                value = 0
+                remaining = hi - lo
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        break
+                    value = zlib.crc32(chunk, value)
+                    remaining -= len(chunk)
+                if value != crc:
+                    bad.append(key)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return "its header is damaged"
+    if not bad:
+        return "its header differs (every tensor's bytes are intact)"
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"the bytes of tensor {bad[0]!r}{more} differ from those written"
+
+
+def _check_sizes(directory: Path, shards: dict) -> None:
+    for name, size in shards.items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != size:
             found = path.stat().st_size if path.is_file() else "missing"
@@ -239,10 +404,34 @@ def open_shards(directory: str | Path) -> Capture:
                 f"capture shard {path} is truncated or missing ({found} bytes, expected {size}); "
                 "re-run the capture."
             )
+
+
+def open_shards(directory: str | Path, verify: bool = False) -> Capture:
+    """A `Capture` whose block tensors are read lazily from the shards; the context is loaded.
+
+    `verify=True` first checks every file against the manifest's checksums (`verify_shards`).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if verify:
+        verify_shards(directory)
+    manifest = read_manifest(directory)
+    _check_sizes(directory, manifest["shards"])
     try:
         tensors = load_file(directory / CONTEXT)
     except Exception as err:  # safetensors raises several error types
         raise CaptureFileError(f"{directory / CONTEXT} is unreadable: {err}") from err
+    try:
+        return _capture(directory, manifest, tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CaptureFileError(
+            f"{directory / MANIFEST} does not match its files ({type(err).__name__}: {err}); "
+            "re-run the capture."
+        ) from err
+
+
+def _capture(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> Capture:
     context = {}
     for key, value in manifest["context"].items():
         if isinstance(value, int) and f"{key}.0" in tensors:

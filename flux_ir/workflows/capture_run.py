@@ -6,11 +6,14 @@
     # output/.../intermediates/decoded/double_block_{i}_step_{k}.jpg, single_block_{i}_step_{k}.jpg
     # output/.../intermediates/mosaic_x0.jpg
 
-Every file is written under a temporary name and renamed, so a file that looks complete is.
+Every file is written under a temporary name and renamed, so a file that looks complete is. Before
+writing, temporaries that killed runs left in the output directory's run directories are removed; a
+run whose capture cannot be saved (the disk is full...) leaves no run directory behind.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +24,11 @@ from flux_ir.capture.copy import HostCopier
 from flux_ir.capture.run import timestamp
 from flux_ir.capture.select import Selection
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.io.atomic import is_temporary, remove_stale_temporaries
 from flux_ir.io.images import sampling_exif, save_image
-from flux_ir.lens import BlockStep, LensOptions, block_steps, decode_capture
+from flux_ir.lens import LensOptions, decode_capture
 from flux_ir.models import ModelSpec
-from flux_ir.plots import labelled_grid
+from flux_ir.plots import lens_grid
 from flux_ir.store import ShardWriter, load_capture, save_capture, save_metadata_json
 
 FORMATS = ("pt", "shards")
@@ -39,6 +43,31 @@ def new_run_dir(output_dir: Path, model_name: str, stamp: str) -> Path:
         path = base.with_name(f"{base.name}_{n}")
     path.mkdir(parents=True)
     return path
+
+
+def run_dir_tree(output_dir: Path) -> list[Path]:
+    """Where capture runs write under `output_dir`: it, each run directory, their `intermediates/`
+    and its `decoded*/` directories (hidden entries are not run directories)."""
+    if not output_dir.is_dir():
+        return []
+    out = [output_dir]
+    for run in [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+        inter = run / "intermediates"
+        out += [run, inter]
+        if inter.is_dir():
+            out += [p for p in inter.glob("decoded*") if p.is_dir()]
+    return out
+
+
+def remove_if_incomplete(run_dir: Path) -> None:
+    """Delete a run directory that holds no complete file (only directories and temporaries)."""
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.rglob("*"):
+        parts = p.relative_to(run_dir).parts
+        if p.is_file() and not any(is_temporary(part) for part in parts):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -84,23 +113,33 @@ def capture_to_dir(
     run_kw = dict(
         model_name=spec.name, extra_metadata=extra_metadata, selection=selection, copier=copier
     )
+    output_dir = Path(output_dir)
+    remove_stale_temporaries(*run_dir_tree(output_dir))  # leftovers of killed runs
     if store_format == "shards":
-        run_dir = new_run_dir(Path(output_dir), spec.name, stamp)
+        run_dir = new_run_dir(output_dir, spec.name, stamp)
         inter = run_dir / "intermediates"
-        writer = ShardWriter(inter / f"capture_{stamp}_{spec.name}")
         try:
-            images, cap = run_capture(pipe, opts, sink=writer, **run_kw)
-            cap.metadata["run_id"] = run_dir.name
-            cap = load_capture(writer.finish(cap))
+            writer = ShardWriter(inter / f"capture_{stamp}_{spec.name}")
+            try:
+                images, cap = run_capture(pipe, opts, sink=writer, **run_kw)
+                cap.metadata["run_id"] = run_dir.name
+                cap = load_capture(writer.finish(cap))
+            except BaseException:
+                writer.abort()
+                raise
         except BaseException:
-            writer.abort()
+            remove_if_incomplete(run_dir)
             raise
     else:
         images, cap = run_capture(pipe, opts, **run_kw)
-        run_dir = new_run_dir(Path(output_dir), spec.name, stamp)
+        run_dir = new_run_dir(output_dir, spec.name, stamp)
         cap.metadata["run_id"] = run_dir.name
         inter = run_dir / "intermediates"
-        save_capture(cap, inter / f"capture_{stamp}_{spec.name}.pt")
+        try:
+            save_capture(cap, inter / f"capture_{stamp}_{spec.name}.pt")
+        except BaseException:
+            remove_if_incomplete(run_dir)
+            raise
     exif = sampling_exif(spec.name, opts.sampling.prompt) if run.add_sampling_metadata else None
     for i, img in enumerate(images):
         save_image(img, run_dir / f"img_{i}.jpg", exif)
@@ -127,19 +166,10 @@ def decode_to_dir(
     target = lens.target
     decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")
     decoded.mkdir(parents=True, exist_ok=True)
-    items = block_steps(cap)
     thumbs = {}
-    for item, images in decode_capture(pipe, cap, items, target, lens.batch_size, progress):
+    for item, images in decode_capture(pipe, cap, None, target, lens.batch_size, progress):
         for j, img in enumerate(images):
             suffix = "" if j == 0 else f"_b{j}"
             save_image(img, decoded / f"{item.name}{suffix}.jpg")
-        thumbs[item] = images[0].resize((96, 96))
-    rows = [(kind, i) for kind, idx in cap.block_indices.items() for i in idx]
-    steps = cap.captured_steps
-    grid = labelled_grid(
-        [[thumbs.get(BlockStep(kind, i, s)) for s in steps] for kind, i in rows],
-        row_labels=[f"{kind} {i}" for kind, i in rows],
-        col_labels=[f"step {s}" for s in steps],
-        title=f"{cap.metadata['model']} | {cap.metadata['prompt'][:60]} | lens target {target}",
-    )
-    return save_image(grid, inter / f"mosaic_{target}.jpg")
+        thumbs[item] = images[0]
+    return save_image(lens_grid(cap, thumbs, target), inter / f"mosaic_{target}.jpg")
