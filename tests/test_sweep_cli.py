@@ -125,7 +125,7 @@ def test_analyze_refuses_bad_input(args, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
+def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch, capsys):
     import flux_ir.sweep.run as run_mod
 
     out = tmp_path / "s"
@@ -139,8 +139,10 @@ def test_an_unfinished_sweep_can_be_analysed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "generate_batch", stop_after_one_batch)
     args = ["sweep", *TINY, "--n_alpha", "2", "--batch_size", "3", "--output_dir", str(out)]
-    with pytest.raises(KeyboardInterrupt):
-        main([*args, "--progress=False"])
+    assert main([*args, "--progress=False"]) == 130  # Ctrl-C: exit code 130, one line, no traceback
+    err = capsys.readouterr().err
+    assert "interrupted: 3 points written, re-run the same command to resume" in err
+    assert "Traceback" not in err
     assert main(["analyze", str(out), "--embedder", "pixel", "--phases=False"]) == 0
     field = pd.read_csv(out / "analysis" / "lipschitz_pixel32.csv")
     assert field["lipschitz"].notna().sum() == 3  # a000_b000, a000_b001, a001_b000 (one batch)

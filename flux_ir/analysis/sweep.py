@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,18 @@ def analyze_sweep(sweep_dir: str | Path, embedder: Embedder, phases: bool = True
         phase, phase_space = phase_image_fields(store, cfg, embedder), "image"
         if phase is None:
             phase, phase_space = phase_fields(store, cfg), "latent"
+        if phase is not None:  # partial phases leave blank cells: say so rather than show them
+            need = {"phases": phase_space == "latent"}
+            need["thumbnails"] = cfg.sampling.num_steps if phase_space == "image" else 0
+            missing = store.pending(cfg.grid.points(), **need)
+            lacking = sum(store.is_done(p) for p in missing)
+            if lacking:
+                print(
+                    f"warning: {lacking} of {len(done)} finished points lack per-step phases, so the "
+                    "phase maps are blank there; resume the sweep with its --phases flags to "
+                    "complete them",
+                    file=sys.stderr,
+                )
     out = store.root / "analysis"
     out.mkdir(exist_ok=True)
     arrays = {

@@ -33,7 +33,7 @@ class CaptureOptions:
                 f"{{param}} must be a SamplingOptions, got {type(self.sampling).__name__}",
                 "sampling",
             )
-        check_seed(self.seed)
+        object.__setattr__(self, "seed", check_seed(self.seed))  # -1 is recorded as 2**64 - 1
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int):
             raise InvalidArgumentError(
                 f"{{param}} must be a positive integer, got {self.num_images!r}", "num_images"
@@ -52,7 +52,10 @@ class CaptureOptions:
 
 
 def check_seed(seed, param: str = "seed") -> int:
-    """An integer torch's CPU generator takes (-2**63 to 2**64 - 1)."""
+    """The seed as torch's CPU generator uses it: an integer from -2**63 to 2**64 - 1 (what
+    `manual_seed` accepts), reduced modulo 2**64 as `manual_seed` reduces it, so that seeds giving the
+    same noise are recorded alike (-1 and 2**64 - 1 both as 18446744073709551615; 0 to 2**64 - 1 stay
+    as they are)."""
     lo, hi = SEED_RANGE
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidArgumentError(f"{{param}} must be an integer, got {seed!r}", param)
@@ -60,4 +63,4 @@ def check_seed(seed, param: str = "seed") -> int:
         raise InvalidArgumentError(
             f"{{param}} must lie between -2**63 and 2**64 - 1, got {seed}", param
         )
-    return seed
+    return int(seed) % 2**64

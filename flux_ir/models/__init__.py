@@ -1,5 +1,6 @@
 """Models: the registry of FLUX.1 variants, the in-code miniature, and loading."""
 
+from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.models.loading import (
     OFFLOAD_MODES,
     WEIGHTS,
@@ -26,4 +27,5 @@ __all__ = [
     "load_pipeline",
     "resolve_model",
     "save_pipeline",
+    "weights_fingerprint",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flux_ir.capture.options import check_seed
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.sampling import SamplingOptions
 from flux_ir.sweep.grid import GridSpec, file_sha256, load_vertices, vertex_latents
@@ -37,9 +38,10 @@ DEFAULT_SEEDS = (0, 123, 200)
 @dataclass(frozen=True)
 class SweepConfig:
     """A sweep's settings: `model` (its name, recorded), `sampling`, the `grid` (or path), and the
-    vertex latents from `seeds` (default 0,123,200; a path: 0,123) or from a `vertices` file (its
-    sha256 is filled in: a resume must use the same latents); `dtype`: the pipeline's dtype, when the
-    caller wants it part of the sweep."""
+    vertex latents from `seeds` (default 0,123,200; a path: 0,123; kept modulo 2**64, as torch uses
+    them) or from a `vertices` file (its sha256 is filled in: a resume must use the same latents);
+    `dtype`: the pipeline's dtype, when the caller wants it part of the sweep. The weights' identity
+    (`flux_ir.models.weights_fingerprint`) is checked by `run_sweep` once the model is loaded."""
 
     model: str
     sampling: SamplingOptions
@@ -71,7 +73,8 @@ class SweepConfig:
             raise InvalidArgumentError(
                 f"{{param}} must be {what} for {kind}, got {self.seeds!r}", "seeds"
             )
-        object.__setattr__(self, "seeds", seeds)
+        # as torch's generator takes them: -1 and 2**64 - 1 make the same noise, recorded alike
+        object.__setattr__(self, "seeds", tuple(check_seed(s, "seeds") for s in seeds))
         if self.vertices is not None:  # exists, readable, right shape
             s = self.sampling
             load_vertices(self.vertices, s.height, s.width, n)

@@ -5,17 +5,21 @@ batches, write the files behind the device, and finalise the tables.
     cfg = SweepConfig.from_spec(spec, width=64, height=64, num_steps=2, grid=GridSpec(n_alpha=4, n_beta=4))
     result = run_sweep(pipe, cfg, "output/sweep", batch_size=8)
 
-Re-running resumes: points whose image exists are skipped. The prompt is encoded once per sweep (only
-when points are left); batches come from `flux_ir.sweep.generate`; PNG encoding (GIL-free,
-`flux_ir.io.png`), the phase files and the points table are written by a `BackgroundWriter` while the
-device computes the next batch.
+Re-running resumes: points whose image (and promised phase files) exist are skipped, with the same
+settings, weights (fingerprint) and phases only. Each point is claimed before it is generated
+(`flux_ir.sweep.store.PointClaims`), so two runs started on one directory share the work. The prompt
+is encoded once per sweep (only when points are left); batches come from `flux_ir.sweep.generate`;
+PNG encoding (GIL-free, `flux_ir.io.png`), the phase files and the points table are written by a
+`BackgroundWriter` while the device computes the next batch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,15 +28,25 @@ from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.sampling import effective_guidance, encode_prompt
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.generate import HostPixels, decode_steps, generate_batch, pool_steps
 from flux_ir.sweep.grid import GridPoint
 from flux_ir.sweep.paths import sweep_latents
 from flux_ir.sweep.shard import Distributed
-from flux_ir.sweep.store import SweepStore
+from flux_ir.sweep.store import (
+    BUSY,
+    CLAIMED,
+    ELSEWHERE,
+    FINGERPRINT,
+    PointClaims,
+    SweepStore,
+)
 from flux_ir.sweep.writer import BackgroundWriter
 from flux_ir.version import library_versions
+
+WAIT_S = 0.5  # between looks at points another process on this host is generating
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,7 @@ class SweepRunOptions:
 @dataclass
 class SweepResult:
     store: SweepStore
-    generated: int  # points this process generated
+    generated: int  # points this process generated (and wrote)
     skipped: int  # points already done when the sweep started (all processes)
     seconds: float
     timings: dict = field(
@@ -107,6 +121,12 @@ def run_sweep(
     `points.csv` and `metadata.json` once all processes are done. `phase_pool` (None: off) keeps the
     per-step x0 latents, average-pooled by that factor, in `phases/`; `phase_images` (None: off, needs
     `phase_pool`) also VAE-decodes every step's x0 and keeps it as a thumbnail of that many pixels.
+
+    The directory records the weights' fingerprint (`weights_fingerprint`) and the phases asked for:
+    a resume with other weights, or without the phases promised, is refused. A process claims each
+    point before generating it, so independent runs on one directory share the points (one waits
+    for the points another is generating); on Ctrl-C the finished batches are written, a line says
+    so on stderr, and KeyboardInterrupt is raised again.
     """
     SweepRunOptions(cfg, batch_size, phase_pool, phase_images)
     actual = str(pipe.transformer.dtype).removeprefix("torch.")
@@ -117,36 +137,79 @@ def run_sweep(
     dist = dist or Distributed()
     store = SweepStore(out_dir)
     start = time.perf_counter()
+    fingerprint = weights_fingerprint(pipe)
     extra = sweep_metadata(pipe, cfg, batch_size, phase_pool, phase_images, dist, extra_metadata)
-    store.check(cfg)  # every process: a different sweep stops them all before anything is written
-    previous_pool = (store.read_metadata() or {}).get("phase_pool")
-    if phase_pool is None:
-        extra["phase_pool"] = previous_pool  # phases kept earlier stay described
-    elif previous_pool not in (None, phase_pool):
-        raise InvalidArgumentError(
-            f"{store.root} keeps phases pooled by {previous_pool}; resume with {{param}} {previous_pool}",
-            "phase_pool",
-        )
+    extra[FINGERPRINT] = fingerprint
+    # every process: a different sweep, other weights or dropped phases stop them all before any write
+    store.check(cfg, fingerprint)
+    check_phases(store, phase_pool, phase_images)
     dist.barrier()
     if dist.is_main:
         store.claim(cfg, extra)
+        promise = {FINGERPRINT: fingerprint, "phase_pool": phase_pool, "phase_images": phase_images}
+        store.record_identity(**promise)  # a directory that records none yet: from now on
     dist.barrier()
-    todo = store.pending(cfg.grid.points(), phases=phase_pool is not None)
+    outputs = promised_outputs(cfg, phase_pool, phase_images)
+    todo = store.pending(cfg.grid.points(), **outputs)
     skipped = cfg.grid.n_alpha * cfg.grid.n_beta - len(todo)
     dist.barrier()  # all processes see the same pending list before any writes
     mine = dist.shard(todo)
     if phase_pool is not None:
         store.phases.mkdir(parents=True, exist_ok=True)
     timings: dict = {}
+    counts = {"written": 0}
     if mine:
-        timings = _generate(
-            pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress
-        )
+        try:
+            timings = _generate(
+                pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress, counts
+            )
+        except KeyboardInterrupt:  # the writer has flushed the finished batches by now
+            print(
+                f"interrupted: {counts['written']} points written, re-run the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
     dist.barrier()
     if dist.is_main:
         store.finalise(cfg, grid_norms(cfg), extra)
     dist.barrier()
-    return SweepResult(store, len(mine), skipped, time.perf_counter() - start, timings)
+    return SweepResult(store, counts["written"], skipped, time.perf_counter() - start, timings)
+
+
+def check_phases(store: SweepStore, phase_pool: int | None, phase_images: int | None) -> None:
+    """Refuse a resume that drops or changes the per-step phases the directory promises (they would
+    stay missing, or mix two poolings or thumbnail sizes); phases asked for anew are fine (the points
+    lacking them are generated again)."""
+    meta = store.read_metadata() or {}
+    pool, size = meta.get("phase_pool"), meta.get("phase_images")
+    if pool is not None and phase_pool is None:
+        what = f"pooled by {pool}" + (f", with {size}-px step images" if size else "")
+        flags = f"--phases --phase_pool {pool}" + (f" --phase_images {size}" if size else "")
+        python = f"phase_pool={pool}" + (f", phase_images={size}" if size else "")
+        raise InvalidArgumentError(
+            f"{store.root} promises per-step phases ({what}); resume with them so that they are "
+            f"completed: pass {flags} (from Python: {python}), or choose another output directory",
+            "phase_pool",
+        )
+    if pool is not None and phase_pool != pool:
+        raise InvalidArgumentError(
+            f"{store.root} keeps phases pooled by {pool}; resume with {{param}} {pool}",
+            "phase_pool",
+        )
+    if size is not None and phase_images != size:
+        raise InvalidArgumentError(
+            f"{store.root} keeps {size}-px step images of its phases; resume with {{param}} {size}",
+            "phase_images",
+        )
+
+
+def promised_outputs(cfg: SweepConfig, phase_pool: int | None, phase_images: int | None) -> dict:
+    """What a point needs to be done (keywords of `SweepStore.pending`)."""
+    return {
+        "phases": phase_pool is not None,
+        "thumbnails": cfg.sampling.num_steps if phase_images is not None else 0,
+    }
 
 
 def _generate(
@@ -159,12 +222,14 @@ def _generate(
     phase_images: int | None,
     dist: Distributed,
     progress: bool,
+    counts: dict,
 ) -> dict:
-    """Generate `points` batch by batch; files are written on a background thread. Returns timings."""
+    """Generate `points` batch by batch, each point once claimed (points another process holds are
+    skipped, and retried until done when that process runs on this host); files are written on a
+    background thread, `counts["written"]` counts the points written. Returns timings."""
     vertices = cfg.vertex_latents()
-    t0 = time.perf_counter()
-    cond = encode_prompt(pipe, cfg.sampling)
-    encode_s = time.perf_counter() - t0
+    outputs = promised_outputs(cfg, phase_pool, phase_images)
+    cond, encode_s = None, 0.0
     bar = tqdm(
         total=len(points),
         unit="pt",
@@ -174,6 +239,10 @@ def _generate(
         dynamic_ncols=True,
     )
     encoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    claims = PointClaims(store, dist.rank)
+
+    def done(point: GridPoint) -> bool:
+        return store.has_outputs(point, **outputs)
 
     def write(batch, pixels: HostPixels, x0, thumbs, before, after) -> None:
         images = pixels.numpy()
@@ -184,16 +253,56 @@ def _generate(
             if x0 is not None:
                 store.save_phases(batch[k], x0[k].numpy())
             store.save_image(batch[k], images[k])  # last: an image marks the point done
+            claims.release(batch[k])
 
         list(encoders.map(save, range(len(batch))))  # PNG compression runs without the GIL
         rows = [point_row(p, float(b), float(a)) for p, b, a in zip(batch, before, after)]
         store.append_points(rows, dist.rank)
+        counts["written"] += len(batch)
         bar.update(len(batch))
 
     writer = BackgroundWriter(max_pending=2)
-    with bar, encoders, writer:
-        for lo in range(0, len(points), batch_size):
-            batch = points[lo : lo + batch_size]
+    queue, waiting, elsewhere = deque(points), [], {}
+    told = False
+    with (
+        claims,
+        bar,
+        encoders,
+        writer,
+    ):  # leaving: the writer flushes, then claims left are released
+        while queue or waiting:
+            batch = []
+            while queue and len(batch) < batch_size:
+                point = queue.popleft()
+                status = claims.acquire(point, done)
+                if status == CLAIMED:
+                    batch.append(point)
+                elif status == BUSY:
+                    waiting.append(point)
+                elif status == ELSEWHERE:
+                    elsewhere[point.index] = claims.holders.get(point.index, {})
+                else:  # DONE by another process
+                    bar.update(1)
+            if not batch:  # what is left is being generated by other processes on this host
+                if not told:
+                    pids = sorted(
+                        {claims.holders.get(p.index, {}).get("pid") for p in waiting}, key=str
+                    )
+                    print(
+                        f"waiting for {len(waiting)} point(s) that another process on this host "
+                        f"(pid {', '.join(map(str, pids))}) is generating into {store.root} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    told = True
+                time.sleep(WAIT_S)
+                queue.extend(waiting)
+                waiting.clear()
+                continue
+            if cond is None:  # once per sweep, and only when there is a point to generate
+                t0 = time.perf_counter()
+                cond = encode_prompt(pipe, cfg.sampling)
+                encode_s = time.perf_counter() - t0
             z, before, after = sweep_latents(vertices, cfg.grid, batch)
             keep = phase_pool if phase_images is None else 1  # decoding needs the full x0
             pixels, x0 = generate_batch(pipe, cfg, cond, z, keep)
@@ -202,6 +311,15 @@ def _generate(
                 thumbs = decode_steps(pipe, cfg, x0, phase_images)
                 x0 = pool_steps(x0, phase_pool)
             writer.submit(write, batch, pixels, x0, thumbs, before, after)
+    if elsewhere:
+        hosts = sorted({str(owner.get("host", "?")) for owner in elsewhere.values()})
+        print(
+            f"{len(elsewhere)} point(s) were left to processes on other hosts that claim them "
+            f"({', '.join(hosts)}); re-run when those finish, or delete their claims in "
+            f"{store.claims} if they are gone",
+            file=sys.stderr,
+            flush=True,
+        )
     return {
         "encode_s": encode_s,
         "write_blocked_s": writer.blocked_s,
