@@ -13,6 +13,7 @@ from flux_ir.models import (
     resolve_model,
     save_pipeline,
 )
+from flux_ir.models.loading import place_pipeline
 
 from .conftest import small_opts
 
@@ -74,7 +75,7 @@ def test_hub_model_without_weights_names_the_ways_out():
     with pytest.raises(ModelUnavailableError) as info:
         load_pipeline("flux-schnell", device="cpu")
     msg = str(info.value)
-    assert "hf auth login" in msg and "--model /path/to/" in msg and "--model flux-tiny" in msg
+    assert "hf auth login" in msg and "--model /path/to/" in msg and "--model flux-toy" in msg
 
 
 def test_save_pretrained_round_trip_gives_the_same_capture(tiny, tiny_capture, tmp_path):
@@ -99,7 +100,8 @@ def test_local_directory_without_sidecar_defaults_from_config(tiny, tmp_path):
 
 
 def test_model_offload_records_the_same_tensors(tiny_capture):
-    offloaded, spec = load_pipeline("flux-tiny", device="cpu", offload="model")
+    offloaded, spec = build_tiny_pipeline(), REGISTRY["flux-tiny"]  # offload's hooks, on the CPU
+    place_pipeline(offloaded, "cpu", "model")
     assert hasattr(offloaded.transformer, "_hf_hook")  # accelerate's offload hook is in place
     _, cap = run_capture(offloaded, small_opts(), model_name=spec.name)
     _, ref = tiny_capture

@@ -7,15 +7,27 @@ import torch
 from flux_ir.capture import run_capture
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens import LensHead
-from flux_ir.models import load_pipeline
+from flux_ir.models import REGISTRY, build_tiny_pipeline, load_pipeline
 from flux_ir.models.loading import GroupOffload, normalize_offload, place_pipeline
 
 from .conftest import small_opts
 from .test_fast_capture import assert_same_capture
 
 
+def cpu_offloaded(mode: str):
+    """flux-tiny with an offload mode's hooks on the CPU (the mechanism; the CLI refuses it there)."""
+    pipe, spec = build_tiny_pipeline(), REGISTRY["flux-tiny"]
+    place_pipeline(pipe, "cpu", mode)
+    return pipe, spec
+
+
+def test_offload_on_the_cpu_is_refused_with_a_reason():
+    with pytest.raises(InvalidArgumentError, match="^offload group moves weights between host"):
+        load_pipeline("flux-tiny", device="cpu", offload="group")
+
+
 def test_group_offload_records_the_same_tensors(tiny_capture):
-    pipe, spec = load_pipeline("flux-tiny", device="cpu", offload="group")
+    pipe, spec = cpu_offloaded("group")
     assert getattr(pipe.transformer, "_diffusers_hook", None) is not None
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name)
     assert_same_capture(cap, tiny_capture[1])
@@ -26,7 +38,7 @@ def hooked(module: torch.nn.Module) -> bool:
 
 
 def test_group_offload_keeps_resident_components_whole_and_hook_free():
-    pipe, _ = load_pipeline("flux-tiny", device="cpu", offload="group")
+    pipe, _ = cpu_offloaded("group")
     for name in GroupOffload().resident:
         assert not hooked(getattr(pipe, name)), name
     for name in ("transformer", "text_encoder_2"):
@@ -43,7 +55,7 @@ def test_group_offload_variant_records_the_same_tensors(tiny_capture):
 
 
 def test_lens_head_after_group_offload_is_a_hook_free_copy(tiny):
-    pipe, _ = load_pipeline("flux-tiny", device="cpu", offload="group")
+    pipe, _ = cpu_offloaded("group")
     head = LensHead.from_pipeline(pipe)
     assert getattr(head.proj_out, "_diffusers_hook", None) is None
     h, temb = (

@@ -19,7 +19,7 @@ def capture(
     model: str = "flux-schnell",
     width: int | None = None,
     height: int | None = None,
-    prompt: str = "a beautiful landscape",
+    prompt: str | None = None,
     seed: int | None = None,
     num_steps: int | None = None,
     guidance: float | None = None,
@@ -42,25 +42,35 @@ def capture(
     format: str = "pt",
     copy: str = "pageable",
     compile: bool = False,
+    multi_gpu: bool = False,
 ) -> None:
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
     Args:
-        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, flux-toy, or a local diffusers FluxPipeline directory.
+        model: flux-schnell, flux-dev, flux-dev-krea (hub weights), flux-tiny (built in code,
+            random weights), flux-toy (shipped in the package), or a local diffusers FluxPipeline
+            directory.
         width, height: image size in pixels, multiples of 16 (default 256; flux-toy: 128).
-        prompt: the text prompt.
-        seed: noise seed (random if omitted; recorded in the metadata).
-        num_steps: denoising steps (model default: 4 for schnell/tiny, 16 for flux-toy, 50 for dev/krea).
-        guidance: distilled guidance scale (model default; ignored by schnell and flux-toy).
-        offload: False, True/"model" (diffusers model CPU offload), "sequential" or "group"
+        prompt: the text prompt (default: the model's own; flux-toy: "a red circle on a blue
+            background", others: "a beautiful landscape").
+        seed: noise seed, drawn on a CPU generator (default: a random seed; recorded in the
+            metadata).
+        num_steps: denoising steps (model default: 4 for schnell and flux-tiny, 16 for flux-toy,
+            50 for dev and krea).
+        guidance: distilled guidance scale (model default: 3.5 for dev and flux-tiny, 4.5 for
+            krea; ignored by schnell and flux-toy).
+        offload: False, True or "model" (diffusers model CPU offload), "sequential" or "group"
             (diffusers group offloading, one block at a time, prefetched on a CUDA stream).
-        device: cuda or cpu (default: cuda when available).
+        device: cuda, cuda:N or cpu (default: cuda when available).
         output_dir: where the run directory is created.
         should_decode_intermediates: decode every block with the lens and draw the mosaic.
         decode_target: "x0" (the clean-image estimate) or "next" (one Euler step, the original tool's).
         add_sampling_metadata: write the prompt into the image's EXIF metadata.
-        negative_prompt, true_cfg_scale: true classifier-free guidance (two passes per step) when
-            scale > 1 (model default: off, except flux-toy: 2.0 against the empty prompt).
+        negative_prompt: the prompt that true classifier-free guidance steers away from (model
+            default: none; flux-toy: the empty prompt "").
+        true_cfg_scale: true classifier-free guidance scale; above 1 with a negative prompt, each
+            step runs a conditional and an unconditional pass (model default: 1.0, off; flux-toy:
+            2.0).
         decode_batch_size: latents per VAE decode call.
         weights: "pretrained" or "random" (the exact architecture with random weights, no download).
         double_blocks, single_blocks: blocks to capture: "all", "none", or indices and ranges like
@@ -68,7 +78,8 @@ def capture(
         steps: denoising steps to capture, same syntax ("0,-1": first and last).
         streams: "both", "img" (image tokens) or "txt" (text tokens).
         store_dtype: float32, float16 or bfloat16 (cast on the device; default: the model's dtype).
-        reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens), on the device.
+        reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens), on the device
+            (default: none, whole tensors).
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
         copy: "pageable" (side-stream copies staged into ordinary host memory; use it with
@@ -76,6 +87,10 @@ def capture(
             process keeps: faster once it has captured before) or "sync" (blocking `.cpu()`).
         compile: torch.compile every block's forward (hooks stay outside the graphs); the first
             step pays the compilation.
+        multi_gpu: spread the pipeline's components (transformer, text encoders, VAE) over every
+            visible GPU with diffusers' device_map="balanced", for models too large for one GPU;
+            needs 2 or more GPUs and weights from the hub or a local directory (not flux-tiny,
+            flux-toy or --weights random), without --offload or --device.
     """
     from flux_ir.capture import CaptureOptions, Selection, make_copier
     from flux_ir.io.dirs import check_output_dir
@@ -84,7 +99,7 @@ def capture(
     from flux_ir.models.compile import compile_blocks
     from flux_ir.workflows import CaptureRunOptions, capture_to_dir
 
-    load = LoadOptions.create(model, device, offload, weights)
+    load = LoadOptions.create(model, device, offload, weights, multi_gpu=multi_gpu)
     opts = CaptureOptions.from_spec(
         load.spec,
         seed=random.randrange(2**31) if seed is None else seed,
@@ -110,12 +125,12 @@ def capture(
     out = check_output_dir(output_dir)
 
     spec = load.spec
+    where = "the GPUs (device map: balanced)" if load.multi_gpu else load.device
     print(
-        f"loading {spec.name} ({load.weights} weights) on {load.device} (offload: {load.offload}) ...",
+        f"loading {spec.name} ({load.weights_text}) on {where} (offload: {load.offload}) ...",
         flush=True,
     )
     pipe, spec = load_pipeline(load)
-    pipe.set_progress_bar_config(disable=False, desc="denoising", leave=False)
     if compile:
         compile_blocks(pipe.transformer)
     s = opts.sampling
@@ -133,6 +148,8 @@ def capture(
             "offload": load.offload,
             "weights": load.weights,
             "compiled": bool(compile),
+            "multi_gpu": load.multi_gpu,
+            **({"device_map": dict(pipe.hf_device_map or {})} if load.multi_gpu else {}),
         },
     )
     print(f"run directory: {run_dir}")

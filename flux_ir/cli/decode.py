@@ -21,10 +21,14 @@ def decode(
 
     Args:
         capture_path: a `capture_*.pt` file or a `capture_*/` shard directory.
-        model: the model that made it (default: the one named in its metadata).
-        target: "x0" (into decoded/) or "next" (into decoded_next/).
+        model: the model that made it: a registry name or a local FluxPipeline directory (default:
+            the one named in the capture's metadata).
+        target: "x0" (the clean-image estimate, into decoded/) or "next" (one Euler step, the
+            original tool's lens, into decoded_next/).
         output_dir: where the decoded images and the mosaic go (default: beside the capture).
-        device, offload: as for capture.
+        device: cuda, cuda:N or cpu (default: cuda when available).
+        offload: False, True or "model" (diffusers model CPU offload), "sequential" or "group"
+            (diffusers group offloading, one block at a time, prefetched on a CUDA stream).
         batch_size: latents per VAE decode call.
     """
     from flux_ir.io.dirs import check_output_dir

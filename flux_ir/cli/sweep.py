@@ -36,37 +36,58 @@ def sweep(
     weights: str = "pretrained",
     progress: bool = True,
 ) -> None:
-    """Generate an n_alpha x n_beta latent grid z0 + a(z1 - z0) + b(z2 - z0) into --output_dir, or
-    with --path lerp|slerp --points N a 1-D path of N latents from z0 to z1.
+    """Generate a latent-grid sweep (or a 1-D latent path) of images into --output_dir.
 
-    Re-running the same command resumes (finished points are skipped); a different sweep in the same
+    The grid is n_alpha x n_beta latents z0 + a(z1 - z0) + b(z2 - z0), normalised; with --path
+    lerp|slerp --points N, a path of N latents from z0 to z1 instead. Re-running the same command resumes (finished points are skipped); a different sweep in the same
     directory is refused. Launch with `torchrun --nproc_per_node N` to shard the points over N GPUs.
 
     Args:
-        model: flux-schnell, flux-dev, flux-dev-krea, flux-tiny, flux-toy, or a local FluxPipeline directory.
+        model: flux-schnell, flux-dev, flux-dev-krea (hub weights), flux-tiny (built in code,
+            random weights), flux-toy (shipped in the package), or a local diffusers FluxPipeline
+            directory.
         output_dir: the sweep directory (images/, metadata.json, points.csv).
-        preset: "hessian-paper": the paper's prompt, negative prompt and true CFG scale 5.
-        prompt, negative_prompt, true_cfg_scale: text conditioning; true CFG when scale > 1 and a
-            negative prompt is given (overrides the preset's values).
+        preset: "hessian-paper": the paper's prompt, negative prompt and true CFG scale 5
+            (default: none).
+        prompt: the text prompt; overrides the preset's (default: the paper's "High quality
+            picture, 4k, detailed").
+        negative_prompt: the prompt that true classifier-free guidance steers away from; overrides
+            the preset's (default: the preset's, else the model's: none; flux-toy: "").
+        true_cfg_scale: true classifier-free guidance scale; above 1 with a negative prompt, each
+            step runs two passes; overrides the preset's (default: the preset's, else the model's:
+            1.0, off; flux-toy: 2.0).
         width, height: pixels, multiples of 16 (default 512; flux-toy: 128).
-        num_steps, guidance: sampling (model defaults; guidance is ignored by schnell).
+        num_steps: denoising steps (model default: 4 for schnell and flux-tiny, 16 for flux-toy,
+            50 for dev and krea).
+        guidance: distilled guidance scale (model default: 3.5 for dev and flux-tiny, 4.5 for
+            krea; ignored by schnell and flux-toy).
         seeds: three seeds for the vertex latents z0, z1, z2 (default 0,123,200); two for a path
             (default 0,123).
         vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8]
-            ([2, 16, H/8, W/8] for a path).
-        alpha, beta: intervals "start,end"; zoom with sub-intervals, extend with e.g. -10,10. For a
-            path, --alpha is the interval of t (default 0,1: z0 to z1) and --beta is not used.
-        n_alpha, n_beta: points along each axis (default 10; n_beta defaults to n_alpha).
+            ([2, 16, H/8, W/8] for a path); its sha256 is part of the sweep (default: none, the
+            seeds make the vertices).
+        alpha: the interval "start,end" of a (both ends are grid points); zoom in with a
+            sub-interval such as 0.4,0.6, leave [0, 1] with e.g. -10,10. For a path, the
+            interval of t (0,1: z0 to z1).
+        beta: the interval "start,end" of b, as --alpha (default 0,1; a path has no b axis).
+        n_alpha: points along a (default 10; a path takes --points instead).
+        n_beta: points along b (default: --n_alpha).
         normalisation: annulus (norm sqrt(d)), std (z / z.std()), vertex (mean vertex norm), none.
         path: lerp (straight line, then normalised) or slerp (great-circle arc, norms interpolated
-            linearly, then normalised) between z0 and z1, instead of a grid.
+            linearly, then normalised) between z0 and z1, instead of a grid (default: none, a
+            grid).
         points: points on the path (default 10, at least 2); images a000_b000.png, a001_b000.png, ...
         batch_size: images per pipeline call.
         phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
         phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).
         phase_images: with --phases, also VAE-decode every step's x0 into thumbnails of this many
             pixels (0: off; costs one VAE decode per step and point), embedded by `analyze`.
-        offload, device, weights: as for `capture`.
+        offload: False, True or "model" (diffusers model CPU offload), "sequential" or "group"
+            (diffusers group offloading, one block at a time, prefetched on a CUDA stream).
+        device: cuda, cuda:N or cpu (default: cuda when available; under torchrun each process
+            takes the GPU of its LOCAL_RANK).
+        weights: "pretrained" or "random" (the exact architecture with random weights, no
+            download).
         progress: show a progress bar (points/s and ETA).
     """
     from flux_ir.io.dirs import check_output_dir
@@ -107,7 +128,7 @@ def sweep(
         if dist.is_main:
             n = cfg.grid.n_alpha * cfg.grid.n_beta
             print(
-                f"loading {spec.name} ({load.weights} weights) on {load.device} for a {n}-point sweep "
+                f"loading {spec.name} ({load.weights_text}) on {load.device} for a {n}-point sweep "
                 f"({dist.world} process(es)) ...",
                 flush=True,
             )
@@ -182,7 +203,7 @@ def analyze(
         embedder: clip (transformers CLIP vision, --clip_model), clip-tiny (random miniature), or
             pixel (the image resized to 32x32; no weights).
         clip_model: hub id or local directory of a CLIP model.
-        device: where CLIP runs (default cuda when available).
+        device: where CLIP runs: cuda, cuda:N or cpu (default: cuda when available).
         phases: also compute the per-step phase maps when the sweep kept them (--phases).
         cell: thumbnail size in the mosaic, pixels.
     """

@@ -84,7 +84,10 @@ class LoadOptions:
     spec: the model. device: "cpu", "cuda" or "cuda:N". offload: one of OFFLOAD_MODES. weights:
     "pretrained" or "random" (the exact architecture, random weights, no download). dtype: None for
     bfloat16 on CUDA, float32 elsewhere. weights_dir: flux-toy only, a directory of its safetensors
-    (default: $FLUX_IR_TOY_WEIGHTS, else the package's).
+    (default: $FLUX_IR_TOY_WEIGHTS, else the package's). multi_gpu: place the pipeline's components
+    over every visible GPU with diffusers' `device_map="balanced"` (whole components per GPU, for
+    weights loaded by `FluxPipeline.from_pretrained`: a hub model or a local directory); `device`
+    is then "cuda", the device of the pipeline's inputs.
     """
 
     spec: ModelSpec
@@ -93,6 +96,7 @@ class LoadOptions:
     weights: str = "pretrained"
     dtype: torch.dtype | None = None
     weights_dir: str | None = None
+    multi_gpu: bool = False
 
     @classmethod
     def create(
@@ -103,6 +107,7 @@ class LoadOptions:
         weights: str = "pretrained",
         dtype: torch.dtype | None = None,
         weights_dir: str | None = None,
+        multi_gpu: bool = False,
     ) -> LoadOptions:
         spec = resolve_model(str(model)) if not isinstance(model, ModelSpec) else model
         if weights not in WEIGHTS:
@@ -113,8 +118,66 @@ class LoadOptions:
             raise InvalidArgumentError(
                 f"{{param}} is for flux-toy's weights; {spec.name} loads its own", "weights_dir"
             )
+        offload = normalize_offload(offload)
+        if multi_gpu:
+            device = cls._multi_gpu_device(multi_gpu, spec, weights, offload, device)
         device = check_device(device)
-        return cls(spec, device, normalize_offload(offload), weights, dtype, weights_dir)
+        if offload != "none" and torch.device(device).type == "cpu":
+            raise InvalidArgumentError(
+                f"{{param}} {offload} moves weights between host memory and a GPU; on the CPU "
+                "there is nothing to offload: leave it off",
+                "offload",
+            )
+        return cls(spec, device, offload, weights, dtype, weights_dir, bool(multi_gpu))
+
+    @staticmethod
+    def _multi_gpu_device(
+        multi_gpu: bool, spec: ModelSpec, weights: str, offload: str, device: str | None
+    ) -> str:
+        """The device of a pipeline spread over the GPUs ("cuda"), or InvalidArgumentError(multi_gpu)
+        saying why it cannot be: device maps apply to `FluxPipeline.from_pretrained` only (flux-tiny,
+        flux-toy and random weights are built in code), they exclude offloading, and they need 2 GPUs."""
+        if multi_gpu is not True:
+            raise InvalidArgumentError(
+                f"{{param}} is True or False, got {multi_gpu!r}", "multi_gpu"
+            )
+        if weights == "random" or spec.source in ("builtin", "package"):
+            what = "random weights are" if weights == "random" else f"{spec.name} is"
+            raise InvalidArgumentError(
+                f"{{param}} spreads weights loaded from the hub or a local directory over the GPUs, "
+                f"but {what} built in code: run it on one device",
+                "multi_gpu",
+            )
+        if offload != "none":
+            raise InvalidArgumentError(
+                f"{{param}} places every component on a GPU; it cannot be combined with "
+                f"offload={offload!r}",
+                "multi_gpu",
+            )
+        if device is not None and device != "cuda":
+            raise InvalidArgumentError(
+                f"{{param}} uses every visible GPU; leave the device out (got {device!r}) and choose "
+                "the GPUs with CUDA_VISIBLE_DEVICES",
+                "multi_gpu",
+            )
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n < 2:
+            raise InvalidArgumentError(
+                f"{{param}} needs at least 2 visible CUDA devices; this machine has {n}",
+                "multi_gpu",
+            )
+        return "cuda"
+
+    @property
+    def weights_text(self) -> str:
+        """What the weights are, in words: "random weights built in code", "shipped weights", ..."""
+        if self.spec.source == "builtin":
+            return "random weights built in code"
+        if self.weights == "random":
+            return "random weights"
+        if self.spec.source == "package":
+            return f"weights from {self.weights_dir}" if self.weights_dir else "shipped weights"
+        return "pretrained weights"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,17 +194,20 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     offload: bool | str | None = None,
     weights: str = "pretrained",
+    multi_gpu: bool = False,
 ) -> tuple[FluxPipeline, ModelSpec]:
     """Return `(pipe, spec)`: the pipeline on `device` (or offloaded to it) in `dtype`.
 
     `model` is a registry name, a local pipeline directory, a `ModelSpec`, or `LoadOptions` (then
     the other arguments are not used). `weights="random"` builds the exact architecture with random
-    weights (no download). Raises ModelUnavailableError with the ways out when weights cannot be had.
+    weights (no download). `multi_gpu=True` spreads the components over the visible GPUs
+    (`device_map="balanced"`; `pipe.hf_device_map` says where each went). Raises
+    ModelUnavailableError with the ways out when weights cannot be had.
     """
     if isinstance(model, LoadOptions):
         opts = model
     else:
-        opts = LoadOptions.create(model, device, offload, weights, dtype)
+        opts = LoadOptions.create(model, device, offload, weights, dtype, multi_gpu=multi_gpu)
     spec, device, mode, dtype = opts.spec, opts.device, opts.offload, opts.torch_dtype
     if opts.weights == "random":
         # build where it will run; offloaded pipelines are built on the CPU
@@ -155,9 +221,10 @@ def load_pipeline(
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(spec, dtype)
+        pipe = _from_pretrained(spec, dtype, device_map="balanced" if opts.multi_gpu else None)
     pipe.set_progress_bar_config(disable=True)
-    place_pipeline(pipe, device, mode)
+    if not opts.multi_gpu:  # a device-mapped pipeline is placed already (and refuses `.to`)
+        place_pipeline(pipe, device, mode)
     return pipe, spec
 
 
@@ -233,10 +300,15 @@ def enable_group_offload(
             apply_group_offloading(component, **kwargs)
 
 
-def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> FluxPipeline:
+def _from_pretrained(
+    spec: ModelSpec, dtype: torch.dtype, device_map: str | None = None
+) -> FluxPipeline:
+    """`FluxPipeline.from_pretrained`; `device_map="balanced"` places whole components over the
+    visible GPUs (diffusers' pipeline-level device map) as they load."""
     local = Path(spec.source).is_dir()
+    kwargs = {} if device_map is None else {"device_map": device_map}
     try:
-        return FluxPipeline.from_pretrained(spec.source, dtype=dtype)
+        return FluxPipeline.from_pretrained(spec.source, dtype=dtype, **kwargs)
     except Exception as err:  # hub/network/gating errors come in many classes
         if local:
             raise ModelUnavailableError(
@@ -247,7 +319,8 @@ def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> FluxPipeline:
             f"could not load {spec.name} ({spec.source}) weights: {type(err).__name__}. Ways out:\n"
             f"  - log in (`hf auth login`) and accept the model's licence on its hub page, with network access;\n"
             f"  - download it elsewhere and pass the local directory: --model /path/to/{spec.source.split('/')[-1]};\n"
-            f"  - or run offline on the miniature: --model flux-tiny"
+            f"  - or run offline: --model flux-toy (a small trained FLUX, shipped) or flux-tiny "
+            "(random weights, built in code)"
         ) from err
 
 
