@@ -13,9 +13,21 @@ it, record every block at every denoising step, save the capture, decode each bl
 final prediction, sweep latent grids.
 """
 
+import logging
 from importlib import import_module
 
 from flux_ir.version import __version__
+
+
+class _WithoutTorchvisionNotes(logging.Filter):
+    """transformers notes, on every import of diffusers, that two image processors fall back to their
+    PIL versions without torchvision; flux-ir needs neither, so the note says nothing to its users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_WithoutTorchvisionNotes())
 
 _EXPORTS = {
     "load_pipeline": "flux_ir.models",

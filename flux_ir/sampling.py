@@ -100,7 +100,7 @@ class SamplingOptions:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides: Any) -> SamplingOptions:
-        """The model's defaults (size, steps, guidance, T5 length, true CFG) with `overrides` on top;
+        """The model's defaults (prompt, size, steps, guidance, T5 length, true CFG) with `overrides` on top;
         an override of None keeps the default. Unknown names are refused."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
@@ -111,7 +111,7 @@ class SamplingOptions:
             )
         size = spec.size or DEFAULT_SIZE
         base = dict(
-            prompt=DEFAULT_PROMPT,
+            prompt=spec.prompt or DEFAULT_PROMPT,
             width=size,
             height=size,
             num_steps=spec.num_steps,
@@ -225,6 +225,7 @@ def generate(
     num_images: int = 1,
     callback: Callable | None = None,
     output_type: str = "pil",
+    progress: bool | None = None,
 ):
     """Sample with `pipe` as `opts` says: the one place flux-ir calls a diffusers pipeline.
 
@@ -238,6 +239,8 @@ def generate(
         callback: diffusers' `callback_on_step_end(pipe, step, timestep, kwargs) -> dict`.
         output_type: "pil" (list of images), "pt" ([B, 3, H, W] in [0, 1]), "np" or "latent"
             (packed latents [B, N, 64]).
+        progress: show a denoising progress bar (tqdm.auto, so it renders in notebooks too) for
+            this call; None keeps the pipeline's own setting.
 
     Returns diffusers' `FluxPipelineOutput` (`.images`).
     """
@@ -287,5 +290,11 @@ def generate(
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     elif seed is not None:
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-    with torch.inference_mode():
-        return pipe(**kwargs)
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    if progress is not None:
+        pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+    try:
+        with torch.inference_mode():
+            return pipe(**kwargs)
+    finally:
+        pipe.set_progress_bar_config(**saved)

@@ -55,7 +55,7 @@ def test_selected_blocks_and_steps(tiny, tiny_capture):
     assert cap.block_indices == {"double": [1], "single": [0, 3]}
     assert cap.captured_steps == [0, 3]
     full = tiny_capture[1]
-    assert torch.equal(cap["single", 3, 1], full["single", 3, 3])
+    assert torch.equal(cap["single", 3, 3], full["single", 3, 3])
     assert torch.equal(cap.image_tokens("double", 1, 3), full.image_tokens("double", 1, 3))
 
 
@@ -110,7 +110,7 @@ def test_cli_selective_shards_capture(tmp_path):
     cap = load_capture(cap_dir)
     assert cap.block_indices == {"double": [], "single": [1, 2]}
     assert cap.captured_steps == [1]
-    assert cap["single", 1, 0].shape == (1, N_TOKENS, 32)
+    assert cap["single", 1, 1].shape == (1, N_TOKENS, 32)  # denoising step 1, the last
     assert len(list((run_dir / "intermediates" / "decoded").iterdir())) == 2
 
 

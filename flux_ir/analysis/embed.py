@@ -9,6 +9,7 @@ Embedders map a list of PIL images to float32 [B, D] on the CPU.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -67,15 +68,29 @@ class ClipEmbedder:
 
         from flux_ir.errors import ModelUnavailableError
 
-        try:
-            model = CLIPVisionModelWithProjection.from_pretrained(repo)
-            processor = _processor_class().from_pretrained(repo)
-        except Exception as err:  # hub/network errors come in many classes
-            raise ModelUnavailableError(
-                f"could not load CLIP {repo!r}: {type(err).__name__}. Download it with network access, pass "
-                "a local directory with --clip_model, or use --embedder pixel (no weights)."
-            ) from err
-        return cls(model, processor, "clip-" + repo.rstrip("/").split("/")[-1], device)
+        def load(local_only: bool):
+            model = CLIPVisionModelWithProjection.from_pretrained(repo, local_files_only=local_only)
+            processor = _processor_class().from_pretrained(repo, local_files_only=local_only)
+            return model, processor
+
+        try:  # a local directory or the hub's cache first: no network look-up at all
+            model, processor = load(local_only=True)
+        except Exception as cached_err:  # hub/network errors come in many classes
+            err = cached_err
+            if not os.environ.get("HF_HUB_OFFLINE"):
+                try:
+                    model, processor = load(local_only=False)
+                    err = None
+                except Exception as online_err:
+                    err = online_err
+            if err is not None:
+                raise ModelUnavailableError(
+                    f"could not load CLIP {repo!r}: {type(err).__name__}. Download it with network "
+                    "access, pass a local directory with --clip_model, or use --embedder pixel (no "
+                    "weights)."
+                ) from err
+        base = repo.rstrip("/").split("/")[-1]
+        return cls(model, processor, base if base.startswith("clip") else f"clip-{base}", device)
 
     @classmethod
     def tiny(cls, seed: int = 0, image_size: int = 32) -> ClipEmbedder:

@@ -9,8 +9,11 @@ original tool's schema) and how it is assembled from a trace's per-pass records.
 
 `cap.to_dict()` is exactly what `torch.load(path)` returns: `double_blocks`, `single_blocks`,
 `denoising_context`, `metadata` (plus `double_blocks_uncond` / `single_blocks_uncond` when true
-CFG ran). Keys are `block_{i}`; lists are indexed by position among the captured steps, and
-`metadata["captured_steps"]` maps positions to denoising step indices.
+CFG ran). Keys are `block_{i}`; the stored lists run over the captured steps, and
+`metadata["captured_steps"]` maps their positions to denoising steps. The accessors take denoising
+steps and model block indices, negative ones counting from the end: `cap["single", -1, -1]` is the last
+single block at the last denoising step, and a step or block that was not captured is a KeyError
+saying which were. `cap.stack("single")` gives [blocks, steps, B, tokens, D] in one tensor.
 """
 
 from __future__ import annotations
@@ -72,9 +75,68 @@ class Capture:
         return self.single_blocks_uncond if uncond else self.single_blocks
 
     def __getitem__(self, key: tuple):
+        """`cap[kind, block]`: the block's outputs over the captured steps (a list);
+        `cap[kind, block, step]`: its output at denoising step `step`. Negative blocks and steps count
+        from the end of the model and of the run; what was not captured is a KeyError saying so."""
         kind, index, *rest = key
-        per_step = self.blocks(kind)[f"block_{index}"]
-        return per_step[rest[0]] if rest else per_step
+        per_step = self.blocks(kind)[self.block_key(kind, index)]
+        return per_step[self.step_position(rest[0])] if rest else per_step
+
+    def block_key(self, kind: str, index: int) -> str:
+        """`"block_{i}"` for block `index` of `kind` (negative: from the end of the model)."""
+        n = self.metadata.get(f"num_{kind}_blocks")
+        i = index + n if index < 0 and n is not None else index
+        captured = self.block_indices[kind]
+        if i not in captured:
+            model = f"; the model has {n}" if n is not None else ""
+            raise KeyError(
+                f"{kind} block {index} was not captured (captured {kind} blocks: "
+                f"{_ranges(captured)}{model})"
+            )
+        return f"block_{i}"
+
+    def __repr__(self) -> str:
+        md = self.metadata
+        prompt = md.get("prompt", "")
+        prompt = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        idx = self.block_indices
+        blocks = ", ".join(f"{k} {_ranges(v)}" for k, v in idx.items() if v) or "none"
+        lazy = any(not isinstance(v, list) for kind in KINDS for v in self.blocks(kind).values())
+        size = "lazy, on disk" if lazy else _human_bytes(self.nbytes)
+        steps = self.captured_steps
+        return (
+            f"Capture({md.get('model')!s}, {prompt!r}, {md.get('width')}x{md.get('height')}, "
+            f"steps {_ranges(steps)} of {md.get('num_steps')}, blocks {blocks}, "
+            f"streams {self.streams}{', reduce ' + self.reduction if self.reduction else ''}"
+            f"{', true CFG' if self.has_uncond else ''}, {md.get('store_dtype') or md.get('dtype')}, "
+            f"{size})"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the block tensors held in memory (both passes)."""
+        total = 0
+        for kind in KINDS:
+            for uncond in (False, True):
+                for per_step in self.blocks(kind, uncond).values():
+                    for value in per_step:
+                        for t in value if isinstance(value, tuple) else (value,):
+                            total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
+    def stack(self, kind: str, stream: str = "img", uncond: bool = False) -> torch.Tensor:
+        """Every captured block of `kind` at every captured step as one tensor
+        [blocks, steps, B, tokens, D] (`stream` "img" or "txt"; blocks in depth order, steps as
+        `captured_steps`). It is materialised: its size is blocks x steps x one block's output."""
+        if stream not in ("img", "txt"):
+            raise KeyError(f"stream must be 'img' or 'txt', not {stream!r}")
+        get = self.image_tokens if stream == "img" else self.text_tokens
+        return torch.stack(
+            [
+                torch.stack([get(kind, i, s, uncond) for s in self.captured_steps])
+                for i in self.block_indices[kind]
+            ]
+        )
 
     @property
     def block_indices(self) -> dict[str, list[int]]:
@@ -113,8 +175,8 @@ class Capture:
         """
         if self.streams == "txt":
             raise CaptureFileError("this capture holds only text tokens (--streams txt)")
-        pos = self.step_position(step)
-        out = self.blocks(kind, uncond)[f"block_{index}"][pos]
+        step = self.denoising_step(step)
+        out = self.blocks(kind, uncond)[self.block_key(kind, index)][self.step_position(step)]
         if kind == "double":
             return out[0]
         if self.streams == "img":
@@ -127,7 +189,8 @@ class Capture:
         """Text-token hidden states [B, L, D] of a block at step `step` (raises for img-only)."""
         if self.streams == "img":
             raise CaptureFileError("this capture holds only image tokens (--streams img)")
-        out = self.blocks(kind, uncond)[f"block_{index}"][self.step_position(step)]
+        step = self.denoising_step(step)
+        out = self.blocks(kind, uncond)[self.block_key(kind, index)][self.step_position(step)]
         if kind == "double":
             return out[1]
         if self.streams == "txt":
@@ -136,11 +199,43 @@ class Capture:
         txt_len = 1 if self.reduction == "mean" else self.denoising_context[key][step]
         return out[:, :txt_len]
 
+    def denoising_step(self, step: int) -> int:
+        """`step` as a denoising step index (negative: from the end of the run)."""
+        return step + self.metadata["num_steps"] if step < 0 else step
+
     def step_position(self, step: int) -> int:
+        """Position among the captured steps of denoising step `step` (negative: from the end)."""
         steps = self.captured_steps
-        if step not in steps:
-            raise KeyError(f"step {step} was not captured (captured steps: {steps})")
-        return steps.index(step)
+        k = self.denoising_step(step)
+        if k not in steps:
+            raise KeyError(
+                f"denoising step {step} was not captured (captured steps: {_ranges(steps)} of "
+                f"{self.metadata['num_steps']})"
+            )
+        return steps.index(k)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts, run = [], []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts) or "none"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 # -- assembling a capture ----------------------------------------------------------------------

@@ -38,6 +38,7 @@ class ModelSpec:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
     size: int | None = None  # native width and height (flux-toy: 128); None: each command's default
+    prompt: str | None = None  # a prompt the model knows (flux-toy: a scene); None: a general one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +87,7 @@ REGISTRY: dict[str, ModelSpec] = {
         true_cfg_scale=2.0,
         negative_prompt="",
         size=128,
+        prompt="a red circle on a blue background",
     ),
 }
 

@@ -1,9 +1,12 @@
-"""Labelled image grids: rows × columns of thumbnails with text labels, as one PIL image.
+"""Labelled image grids: rows × columns of thumbnails with text labels, as one PIL image; the lens
+mosaic of a capture (blocks in depth order down, captured steps across).
 
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     grid = labelled_grid([[red, blue], [None, red]], row_labels=["double 0", "single 3"],
                          col_labels=["step 0", "step 1"], title="a lens mosaic")
     grid.save("mosaic.jpg")                 # None leaves a blank cell
+
+    mosaic = lens_mosaic(pipe, cap)         # a capture's lens decodes as one PIL image, no files
 
 Thumbnails are resized to `cell` pixels; labels use PIL's default font (no font files needed).
 """
@@ -11,8 +14,16 @@ Thumbnails are resized to `cell` pixels; labels use PIL's default font (no font 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
+
+from flux_ir.lens import BlockStep, LensOptions, decode_capture
+
+if TYPE_CHECKING:
+    from diffusers import FluxPipeline
+
+    from flux_ir.capture import Capture
 
 
 def labelled_grid(
@@ -45,3 +56,40 @@ def labelled_grid(
                 thumb = img.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
                 canvas.paste(thumb, (label_w + c * (cell + pad), y))
     return canvas
+
+
+def lens_grid(
+    cap: Capture, images: dict[BlockStep, Image.Image], target: str = "x0", cell: int = 96
+) -> Image.Image:
+    """The lens mosaic of `images` (one per captured (block, step); missing ones stay blank): blocks
+    top to bottom in depth order, denoising steps left to right."""
+    rows = [(kind, i) for kind, idx in cap.block_indices.items() for i in idx]
+    steps = cap.captured_steps
+    md = cap.metadata
+    return labelled_grid(
+        [[images.get(BlockStep(kind, i, s)) for s in steps] for kind, i in rows],
+        row_labels=[f"{kind} {i}" for kind, i in rows],
+        col_labels=[f"step {s}" for s in steps],
+        title=f"{md['model']} | {md['prompt'][:60]} | lens target {target}",
+        cell=cell,
+    )
+
+
+def lens_mosaic(
+    pipe: FluxPipeline,
+    cap: Capture,
+    lens: LensOptions | None = None,
+    *,
+    progress: bool = True,
+    cell: int = 96,
+) -> Image.Image:
+    """Decode every captured (block, step) of `cap` with the lens (`LensOptions`: target, batch) and
+    return the mosaic as one PIL image (the first image of the batch), writing nothing."""
+    lens = lens or LensOptions()
+    thumbs = {
+        item: images[0].resize((cell, cell), Image.Resampling.BILINEAR)
+        for item, images in decode_capture(
+            pipe, cap, None, lens.target, lens.batch_size, progress=progress
+        )
+    }
+    return lens_grid(cap, thumbs, lens.target, cell)

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
+from tqdm.auto import tqdm
 
 from flux_ir.analysis.lipschitz import embedding_grid, lipschitz_edges, lipschitz_field
 from flux_ir.capture import CaptureOptions, Selection, run_capture
@@ -108,7 +109,9 @@ def lens_convergence(
     last = Selection(steps=(-1,))
     for i, prompt in enumerate(prompts):
         sampling = replace(opts, prompt=prompt, true_cfg_scale=1.0)
-        images, cap = run_capture(pipe, CaptureOptions(sampling, seed + i), selection=last)
+        images, cap = run_capture(
+            pipe, CaptureOptions(sampling, seed + i), selection=last, progress=False
+        )
         final = _pixels(images[0])
         items = block_steps(cap)
         dist = torch.tensor(
@@ -226,23 +229,38 @@ def measure_all(
     lens_prompts: int = 8,
     batch: int = 50,
     skip_cpu: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Every bar: figures plus `passed` flags, sampled with the model's defaults (`spec`). Runs where
-    `pipe` is; the CPU timing moves the pipeline to the CPU."""
+    `pipe` is; the CPU timing moves the pipeline to the CPU. `progress` names each stage as it starts."""
     size = int(pipe.vae.config.sample_size)  # the architecture's native size
     opts = SamplingOptions.from_spec(spec, width=size, height=size)
     report: dict = dict(model=spec.name, size=size, steps=opts.num_steps)
-    report["vae_psnr_db"] = vae_psnr(pipe, 512, size, seed=12345, device=device_of(pipe))
-    report.update(true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt)
-    report.update(prompt_adherence(pipe, opts, samples, batch=batch))
     prompts = [
         caption(SHAPES[i % 3], COLOURS[i % 6], COLOURS[(i + 1 + i // 6) % 6])
         for i in range(lens_prompts)
     ]
-    report.update(lens_convergence(pipe, opts, prompts))
-    report["phases"] = phase_grid(pipe, opts, grid, batch=batch)
+    stages = [
+        ("VAE PSNR on 512 held-out scenes", lambda: {
+            "vae_psnr_db": vae_psnr(pipe, 512, size, seed=12345, device=device_of(pipe))
+        }),
+        (f"adherence on {samples} samples", lambda: {
+            "true_cfg_scale": opts.true_cfg_scale, "negative_prompt": opts.negative_prompt,
+            **prompt_adherence(pipe, opts, samples, batch=batch),
+        }),
+        (f"lens convergence on {lens_prompts} prompts", lambda: lens_convergence(pipe, opts, prompts)),
+        (f"{grid}x{grid} neutral-prompt grid", lambda: {
+            "phases": phase_grid(pipe, opts, grid, batch=batch)
+        }),
+    ]  # fmt: skip
     if not skip_cpu:
-        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), opts)
+        stages.append(
+            ("CPU time of one image", lambda: {"cpu_seconds": cpu_seconds(pipe.to("cpu"), opts)})
+        )
+    for name, measure in tqdm(stages, desc="quality bars", unit="bar", disable=not progress):
+        if progress:
+            tqdm.write(f"measuring {name} ...")
+        report.update(measure())
     report["passed"] = passed(report)
     return report
 

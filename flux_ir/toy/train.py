@@ -9,7 +9,7 @@
 2. Transformer (and both small text encoders, trained jointly): rectified flow for `dit_steps` steps.
    x_t = (1 - t) x0 + t e, target e - x0, t = shift(sigmoid(n)), n ~ N(0, 1) (SD3/FLUX logit-normal
    sampling, shifted like the scheduler). Text is encoded as `FluxPipeline.encode_prompt` does
-   (`CaptionEncoder`), latents packed by `_pack_latents`, positions from `_prepare_latent_image_ids`.
+   (`CaptionEncoder`), latents packed by `pack_latents`, positions from `_prepare_latent_image_ids`.
    Captions drop to the neutral "" (and to partial captions) at random, so the neutral prompt draws
    every shape. The weights exported are an EMA.
 
@@ -36,6 +36,7 @@ from diffusers import FluxPipeline
 from safetensors.torch import save_model
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.geometry import PATCH, pack_latents
 from flux_ir.io.atomic import atomic_path
 from flux_ir.models.toy import ARCH, CONFIG_FILE, SMOKE_ARCH, build_toy_pipeline
 from flux_ir.toy.scenes import COLOURS, NEUTRAL_CAPTION, SHAPES, caption, make_scenes
@@ -396,10 +397,12 @@ def flow_loss(
     noise = torch.randn(x0.shape, generator=gen, device=device)
     tt = t[:, None, None, None]
     xt = (1 - tt) * x0 + tt * noise
-    packed = FluxPipeline._pack_latents(xt, b, c, h, w)
-    target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
+    packed = pack_latents(xt)
+    target = pack_latents(noise - x0)
     if img_ids is None:
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, x0.dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(
+            b, h // PATCH, w // PATCH, device, x0.dtype
+        )
     pred = pipe.transformer(
         hidden_states=packed,
         timestep=t,
