@@ -44,3 +44,9 @@ def cfg_capture(tiny):
     pipe, spec = tiny
     opts = small_opts(negative_prompt="blurry, ugly", true_cfg_scale=4.0)
     return run_capture(pipe, opts, model_name=spec.name)[1]
+
+
+@pytest.fixture(scope="session")
+def toy_pipe():
+    """flux-toy with its shipped weights, on the CPU (tests that need it skip without weights)."""
+    return load_pipeline("flux-toy", device="cpu")

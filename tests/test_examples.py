@@ -22,7 +22,7 @@ MODULES = sorted(
 PUBLIC = [
     "flux_ir.models", "flux_ir.sampling", "flux_ir.geometry", "flux_ir.capture", "flux_ir.store",
     "flux_ir.lens", "flux_ir.sweep", "flux_ir.analysis", "flux_ir.plots", "flux_ir.io",
-    "flux_ir.workflows",
+    "flux_ir.workflows", "flux_ir.intervene",
 ]  # fmt: skip
 # Examples that cannot run in a test: they take minutes (or a GPU) by design.
 NOT_RUN = {
@@ -48,7 +48,7 @@ def example_block(module) -> str | None:
 @pytest.fixture(scope="module")
 def namespace(tmp_path_factory):
     """Names the examples take as given: a flux-tiny capture and sweep, and the public API."""
-    from flux_ir.capture import CaptureOptions, run_capture
+    from flux_ir.capture import CaptureOptions, Selection, run_capture
     from flux_ir.models import load_pipeline
     from flux_ir.store import save_capture
     from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
@@ -63,6 +63,11 @@ def namespace(tmp_path_factory):
     )
     sweep_dir = root / "sweep"
     run_sweep(pipe, cfg, sweep_dir, batch_size=4, progress=False)
+    from flux_ir.workflows.patching import causal_map
+
+    sel = Selection(double_blocks=(0,), single_blocks=(), steps=(0, 1))
+    other = CaptureOptions.from_spec(spec, seed=2, width=64, height=64, num_steps=2)
+    cmap = causal_map(pipe, opts, other, selection=sel, progress=False)
     names = {}
     for package in PUBLIC:
         module = importlib.import_module(package)
@@ -73,7 +78,7 @@ def namespace(tmp_path_factory):
     return {
         **names, "flux_ir": flux_ir, "torch": torch, "np": np, "Path": Path,
         "grid_norms": grid_norms, "point_row": point_row, "make_scenes": make_scenes,
-        "spec": spec, "opts": opts, "cap": cap, "path": path, "cfg": cfg, "sweep_dir": sweep_dir,
+        "spec": spec, "opts": opts, "cap": cap, "cmap": cmap, "path": path, "cfg": cfg, "sweep_dir": sweep_dir,
         "paths": sorted((sweep_dir / "images").glob("*.png")),
     }  # fmt: skip
 
@@ -131,3 +136,27 @@ def test_the_readmes_from_python_example_runs(tmp_path, monkeypatch):
     assert scope["cap"].image_tokens("single", 7, step=15).shape == (1, 64, 128)
     assert scope["cap"].captured_steps == [0, 15]
     assert scope["image"].size == (128, 128)
+
+
+def test_the_readmes_interventions_example_runs_and_turns_the_circle_green(tmp_path, monkeypatch):
+    from flux_ir.toy.checker import check_images
+    from flux_ir.toy.scenes import COLOURS
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    code = readme_block("## Interventions: patching, steering, ablation")
+    exec(compile(code, "<README Interventions>", "exec"), scope)
+    pixels = torch.from_numpy(np.array(scope["patched"])).permute(2, 0, 1)[None].float() / 255
+    assert check_images(pixels).colour.item() == COLOURS.index("green")
+    assert scope["cap"].metadata["interventions"] == [
+        "add(scale=0.5) at single -1 img, all steps, both"
+    ]
+
+
+def test_the_readmes_attention_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("### Attention maps"), "<README attention>", "exec"), scope)
+    assert scope["words"] == {"circle": 2, "background": 6}
+    assert scope["trace"].maps["single", -1, -1, "txt->img"].shape == (1, 2, 8, 8)
+    assert (tmp_path / "attention.png").is_file() and (tmp_path / "attention.safetensors").is_file()

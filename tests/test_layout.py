@@ -6,13 +6,13 @@ from pathlib import Path
 import flux_ir
 
 PACKAGE = Path(flux_ir.__file__).parent
-# models -> sampling -> capture -> store -> lens -> sweep -> analysis -> plots -> workflows -> cli;
+# models -> sampling -> capture / intervene -> store -> lens -> sweep -> analysis -> plots -> workflows -> cli;
 # flux-toy's training and quality bars live with their command lines
 STAGES = [
     {"errors", "version", "geometry", "io"},
     {"models"},
     {"sampling"},
-    {"capture"},
+    {"capture", "intervene"},
     {"store"},
     {"lens"},
     {"sweep"},

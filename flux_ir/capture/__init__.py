@@ -1,5 +1,13 @@
 """Capture: hooks on every FLUX block, and the `Capture` they produce."""
 
+from flux_ir.capture.attention import (
+    AttentionMaps,
+    AttentionOptions,
+    AttentionTrace,
+    load_attention,
+    save_attention,
+    token_indices,
+)
 from flux_ir.capture.copy import AsyncCopier, HostCopier, SyncCopier, make_copier
 from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.run import run_capture
@@ -17,4 +25,10 @@ __all__ = [
     "SyncCopier",
     "make_copier",
     "run_capture",
+    "AttentionMaps",
+    "AttentionOptions",
+    "AttentionTrace",
+    "load_attention",
+    "save_attention",
+    "token_indices",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 
 import torch
 from diffusers import FluxPipeline
@@ -23,6 +24,8 @@ from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.schema import Capture, build_capture
 from flux_ir.capture.select import Selection
 from flux_ir.capture.trace import BlockTrace
+from flux_ir.intervene import Edit, Intervention, Site
+from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.sampling import effective_guidance, generate
 from flux_ir.version import library_versions
 
@@ -36,13 +39,17 @@ def run_capture(
     copier: HostCopier | None = None,
     extra_metadata: dict | None = None,
     sink=None,
+    progress: bool = True,
+    edits: Sequence[tuple[Site, Edit]] = (),
 ) -> tuple[list[Image.Image], Capture]:
     """Run `pipe` once with block hooks; return the generated images and the `Capture`.
 
     `selection` picks blocks, steps (negative: from the end), streams, storage dtype and reduction
     (default: everything); it is resolved here, once, against the model and `opts`' steps. With a
     `sink` (see `BlockTrace`) block tensors go to it step by step and the returned `Capture` holds only
-    the denoising context and metadata.
+    the denoising context and metadata. `progress` shows a denoising progress bar. `edits`
+    ([(Site, Edit)], see `flux_ir.intervene`) change block outputs while the capture records them:
+    the capture holds the edited activations and its metadata lists the edits (`interventions`).
     """
     sampling = opts.sampling
     transformer = pipe.transformer
@@ -66,14 +73,23 @@ def run_capture(
         image_grid=sampling.token_grid,
         sink=sink,
     )
-    with trace:
+    intervention = Intervention(
+        transformer, edits, passes_per_step=sampling.passes_per_step, num_steps=sampling.num_steps
+    )
+    with intervention, trace:  # the edits' hooks run first, so the trace records edited outputs
         out = generate(
-            pipe, sampling, seed=opts.seed, num_images=opts.num_images, callback=keep_latents
+            pipe,
+            sampling,
+            seed=opts.seed,
+            num_images=opts.num_images,
+            callback=keep_latents,
+            progress=progress,
         )
     sigmas = [float(s) for s in pipe.scheduler.sigmas.cpu()]
     guidance = effective_guidance(pipe, sampling.guidance)
     metadata = {
         "model": model_name,
+        "weights_fingerprint": weights_fingerprint(pipe),  # the weights loaded, not their name
         **sampling.to_dict(),  # every sampling setting, as asked; then what the model saw:
         "guidance": guidance,
         "true_cfg_scale": sampling.true_cfg_scale if sampling.true_cfg else 1.0,
@@ -95,6 +111,7 @@ def run_capture(
         "versions": library_versions(),
         "timestamp": dt.datetime.now().isoformat(timespec="seconds"),
         "run_id": uuid.uuid4().hex[:12],
+        **({"interventions": intervention.describe()} if edits else {}),
         **(extra_metadata or {}),
     }
     capture = build_capture(trace.records, sigmas, guidance, final["latents"], metadata)
