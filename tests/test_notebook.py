@@ -101,3 +101,18 @@ def test_flux_toys_default_prompt_is_one_it_knows():
         "a red circle on a blue background"
     )
     assert SamplingOptions.from_spec(resolve_model("flux-dev")).prompt == "a beautiful landscape"
+
+
+def test_a_sweep_result_and_its_store_show_themselves_in_one_line(tiny, tmp_path):
+    from flux_ir.sweep import GridSpec, SweepConfig, SweepStore, run_sweep
+
+    pipe, spec = tiny
+    cfg = SweepConfig.from_spec(
+        spec, width=32, height=32, num_steps=1, grid=GridSpec(n_alpha=2, n_beta=2)
+    )
+    assert repr(SweepStore(tmp_path / "s")).endswith("no sweep yet)")
+    result = run_sweep(pipe, cfg, tmp_path / "s", batch_size=4, progress=False)
+    assert repr(result).startswith(
+        f"SweepResult({tmp_path / 's'}: 4 point(s) generated here, 0 already"
+    )
+    assert repr(result.store).endswith("flux-tiny, 2x2 points, 4 image(s), complete True)")

@@ -101,6 +101,12 @@ class SweepResult:
         default_factory=dict
     )  # this process: encode_s, write_blocked_s, write_busy_s
 
+    def __repr__(self) -> str:
+        return (
+            f"SweepResult({self.store.root}: {self.generated} point(s) generated here, "
+            f"{self.skipped} already done, {self.seconds:.1f} s)"
+        )
+
 
 def run_sweep(
     pipe: FluxPipeline,

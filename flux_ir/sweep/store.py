@@ -69,6 +69,17 @@ class SweepStore:
         self.parts = self.root / "parts"
         self.claims = self.root / "claims"
 
+    def __repr__(self) -> str:
+        meta = self.read_metadata() if (self.root / METADATA).is_file() else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("sweep"), dict):
+            return f"SweepStore({self.root}: no sweep yet)"
+        sweep, points = meta["sweep"], meta.get("grid_size", ["?", "?"])
+        done = len(list(self.images.glob("*.png"))) if self.images.is_dir() else 0
+        return (
+            f"SweepStore({self.root}: {sweep.get('model')}, {points[0]}x{points[1]} points, "
+            f"{done} image(s), complete {meta.get('complete')})"
+        )
+
     # -- the directory's sweep ------------------------------------------------------------------
     def read_metadata(self) -> dict | None:
         path = self.root / METADATA
