@@ -132,7 +132,10 @@ def readme_block(heading: str) -> str:
 def test_the_readmes_from_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(readme_block("## From a notebook or a script"), "<README From a notebook>", "exec"), scope)
+    exec(
+        compile(readme_block("## From a notebook or a script"), "<README From a notebook>", "exec"),
+        scope,
+    )
     assert scope["cap"].image_tokens("single", 7, step=15).shape == (1, 64, 128)
     assert scope["cap"].captured_steps == [0, 15]
     assert scope["image"].size == (128, 128)
