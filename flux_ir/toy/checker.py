@@ -36,16 +36,29 @@ class CheckResult:
     area: torch.Tensor
 
 
+def _background_and_mask(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background colour [B, 3] (median of the border pixels) and shape pixels [B, H, W]."""
+    border = torch.cat(
+        [images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1
+    )
+    bg = border.median(dim=-1).values
+    return bg, (images - bg[:, :, None, None]).norm(dim=1) > FOREGROUND_DISTANCE
+
+
+@torch.no_grad()
+def shape_token_mask(images: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """Which image tokens a scene's shape touches: images [B, 3, H, W] in [0, 1] -> bool
+    [B, H/patch, W/patch] (FLUX's token grid for patch 16), for edits addressed to the shape."""
+    _, mask = _background_and_mask(images.float())
+    return torch.nn.functional.max_pool2d(mask.float()[:, None], patch)[:, 0] > 0
+
+
 @torch.no_grad()
 def check_images(images: torch.Tensor) -> CheckResult:
     """Classify images [B, 3, H, W] (float in [0, 1])."""
     images = images.float()
     b, _, h, w = images.shape
-    border = torch.cat(
-        [images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1
-    )
-    bg = border.median(dim=-1).values  # [B, 3]
-    mask = (images - bg[:, :, None, None]).norm(dim=1) > FOREGROUND_DISTANCE  # [B, H, W]
+    bg, mask = _background_and_mask(images)  # [B, 3], [B, H, W]
     area = mask.flatten(1).sum(1).float()
     rows, cols = mask.any(2), mask.any(1)  # [B, H], [B, W]
     height = _extent(rows).float()
