@@ -74,10 +74,11 @@ def namespace(tmp_path_factory):
         names.update({k: getattr(module, k) for k in getattr(module, "__all__", vars(module))})
     from flux_ir.sweep.run import grid_norms, point_row
     from flux_ir.toy.scenes import make_scenes
+    from flux_ir.workflows.ablation import block_importance
 
     return {
         **names, "flux_ir": flux_ir, "torch": torch, "np": np, "Path": Path,
-        "grid_norms": grid_norms, "point_row": point_row, "make_scenes": make_scenes,
+        "grid_norms": grid_norms, "block_importance": block_importance, "point_row": point_row, "make_scenes": make_scenes,
         "spec": spec, "opts": opts, "cap": cap, "cmap": cmap, "path": path, "cfg": cfg, "sweep_dir": sweep_dir,
         "paths": sorted((sweep_dir / "images").glob("*.png")),
     }  # fmt: skip

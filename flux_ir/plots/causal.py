@@ -1,7 +1,9 @@
-"""Pictures of a causal map: the block x step heatmap of patch effects, and the patched images.
+"""Pictures of a causal map (the block x step heatmap of patch effects, the patched images) and of
+an ablation table (a bar per block).
 
     path = plot_causal_map(cmap, "causal_map.png")   # heatmap; readings that differ from the target's
     pixels = causal_grid(cmap)                       # [rows * h, steps * w, 3] uint8 thumbnails
+    plot_block_importance(block_importance(pipe, opts), "ablation.png")   # a bar per block
 
 Rows are blocks in depth order (double blocks first), columns denoising steps.
 """
@@ -53,3 +55,18 @@ def causal_grid(cmap: CausalMap) -> np.ndarray:
     """The patched images' thumbnails as one uint8 [rows * h, steps * w, 3] array."""
     rows, steps, h, w, _ = cmap.thumbs.shape
     return cmap.thumbs.transpose(0, 2, 1, 3, 4).reshape(rows * h, steps * w, 3)
+
+
+def plot_block_importance(table, path: str | Path, title: str = "") -> Path:
+    """A bar per block (depth order) of an ablation table's `effect` (`block_importance`)."""
+    labels = [f"{k[0]}{b}" for k, b in zip(table["kind"], table["block"])]
+    fig = Figure(figsize=(2 + 0.35 * len(labels), 3), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(labels)), list(table["effect"]), color="tab:purple")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_xlabel("block zeroed (d: double, s: single)")
+    ax.set_ylabel("mean |ablated - plain|")
+    ax.set_title(title or "what each block's image tokens contribute", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)
