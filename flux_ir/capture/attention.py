@@ -376,6 +376,10 @@ class AttentionTrace:
         self._remove()
         for maps in self.passes.values():  # steps seen: negative steps count from the run's end
             maps.num_steps = max(maps.num_steps, self._step + 1)
+            # the maps stayed on the device during the run (no host sync per block): one move here
+            for table in (maps.tensors, maps.to_text):
+                for key, value in table.items():
+                    table[key] = value.cpu()
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -447,7 +451,8 @@ class AttentionTrace:
 
     # -- the side computation --------------------------------------------------------------------
     def _record(self, maps: AttentionMaps, kind: str, index: int, q_txt, q_img, k, rotary) -> None:
-        """Rows of softmax(q k^T / sqrt(d)) that the selection needs, averaged over heads, to the CPU."""
+        """Rows of softmax(q k^T / sqrt(d)) that the selection needs, averaged over heads; kept on
+        the device until the context exits (float32; B * T * N values per block and step)."""
         from diffusers.models.embeddings import apply_rotary_emb
 
         opt = self.options
@@ -473,8 +478,8 @@ class AttentionTrace:
         tok = list(opt.tokens)
         if "txt->img" in opt.directions:
             p = torch.softmax(rows(q_txt, tok) @ keys_t, dim=-1).mean(1)  # [B, T, L + N]
-            maps.tensors["txt->img", kind, index, step] = p[..., n_txt:].reshape(shape).cpu()
-            maps.to_text[kind, index, step] = p[..., :n_txt].contiguous().cpu()
+            maps.tensors["txt->img", kind, index, step] = p[..., n_txt:].reshape(shape)
+            maps.to_text[kind, index, step] = p[..., :n_txt].contiguous()
         if "img->txt" in opt.directions:
             chunk = max(1, opt.max_scores // (b * keys_t.shape[1] * keys_t.shape[-1]))
             parts = []
@@ -483,7 +488,7 @@ class AttentionTrace:
                 lse = torch.logsumexp(s, dim=-1, keepdim=True)  # over every key
                 parts.append((s[..., tok] - lse).exp_().mean(1))  # [B, C, T]
             img = torch.cat(parts, dim=1).transpose(1, 2).reshape(shape)
-            maps.tensors["img->txt", kind, index, step] = img.cpu()
+            maps.tensors["img->txt", kind, index, step] = img
 
 
 # -- text tokens -----------------------------------------------------------------------------------
