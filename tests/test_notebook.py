@@ -23,7 +23,7 @@ def test_a_capture_shows_itself_in_one_short_line(tiny_capture, partial):
     text = repr(partial)
     assert "\n" not in text and len(text) < 300
     assert text.startswith("Capture(flux-tiny, 'a photo of a cat', 64x64, steps 1,3 of 4")
-    assert "double 1, single 0,3" in text and "KB" in text
+    assert "double 1, single 0,3" in text and "KiB" in text
     assert len(repr(tiny_capture[1])) < 300  # not 315,000 characters of tensors
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flux_ir.errors import CaptureFileError
+from flux_ir.io.atomic import human_bytes
 
 if TYPE_CHECKING:
     from flux_ir.capture.trace import PassRecord
@@ -102,7 +103,7 @@ class Capture:
         idx = self.block_indices
         blocks = ", ".join(f"{k} {_ranges(v)}" for k, v in idx.items() if v) or "none"
         lazy = any(not isinstance(v, list) for kind in KINDS for v in self.blocks(kind).values())
-        size = "lazy, on disk" if lazy else _human_bytes(self.nbytes)
+        size = "lazy, on disk" if lazy else human_bytes(self.nbytes)
         steps = self.captured_steps
         return (
             f"Capture({md.get('model')!s}, {prompt!r}, {md.get('width')}x{md.get('height')}, "
@@ -228,14 +229,6 @@ def _ranges(indices: list[int]) -> str:
     if run:
         parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(parts) or "none"
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 # -- assembling a capture ----------------------------------------------------------------------

@@ -125,7 +125,8 @@ def remove_stale_temporaries(
 
 
 # -- disk full -------------------------------------------------------------------------------------
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """`n` bytes in binary units: '512 bytes', '3.2 MiB'."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -164,8 +165,8 @@ def disk_full_error(
         full = torch_write and free is not None and free < (needed or 1 << 20)
     if not full:
         return None
-    need = f"needs {_size(needed)}" if needed else "needs more space"
-    have = f", {_size(free)} free there" if free is not None else ""
+    need = f"needs {human_bytes(needed)}" if needed else "needs more space"
+    have = f", {human_bytes(free)} free there" if free is not None else ""
     return CaptureFileError(
         f"the disk is full: could not write {path} ({need}{have}); free some space or choose "
         "another output directory."
