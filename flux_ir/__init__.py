@@ -19,15 +19,29 @@ from importlib import import_module
 from flux_ir.version import __version__
 
 
-class _WithoutTorchvisionNotes(logging.Filter):
-    """transformers notes, on every import of diffusers, that two image processors fall back to their
-    PIL versions without torchvision; flux-ir needs neither, so the note says nothing to its users."""
+class _Quiet(logging.Filter):
+    """Drops library notes that say nothing to flux-ir's users: transformers' note, on every import
+    of diffusers, that two image processors fall back to PIL without torchvision (flux-ir needs
+    neither), and the token-level notes on a prompt longer than the T5 length
+    (`flux_ir.sampling.generate` says in words what the model reads instead)."""
+
+    PHRASES = (
+        "requires torchvision (not installed)",
+        "max_sequence_length` is set to",
+        "Token indices sequence length is longer than the specified maximum",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        message = record.getMessage()
+        return not any(phrase in message for phrase in self.PHRASES)
 
 
-logging.getLogger("transformers.utils.import_utils").addFilter(_WithoutTorchvisionNotes())
+for _name in (
+    "transformers.utils.import_utils",
+    "transformers.tokenization_utils_base",
+    "diffusers.pipelines.flux.pipeline_flux",
+):
+    logging.getLogger(_name).addFilter(_Quiet())
 
 _EXPORTS = {
     "load_pipeline": "flux_ir.models",

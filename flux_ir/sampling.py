@@ -20,6 +20,7 @@ per step, the conditional first) runs when `true_cfg_scale` > 1 and a negative p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -286,6 +287,9 @@ def generate(
         if opts.true_cfg:
             kwargs["negative_prompt"] = opts.negative_prompt
         kwargs["num_images_per_prompt"] = num_images
+    if embeddings is None:
+        for text in dict.fromkeys([opts.prompt] if prompts is None else prompts):
+            note_truncation(pipe, text, opts.max_sequence_length)
     if isinstance(seed, int):
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     elif seed is not None:
@@ -298,3 +302,25 @@ def generate(
             return pipe(**kwargs)
     finally:
         pipe.set_progress_bar_config(**saved)
+
+
+_NOTED: set[tuple[int, str, int]] = set()
+
+
+def note_truncation(pipe: FluxPipeline, prompt: str, max_sequence_length: int) -> None:
+    """Say once, in words, when the T5 encoder will read only the start of `prompt` (diffusers'
+    own message lists the cut-off token pieces, which a small vocabulary spells letter by letter)."""
+    tokenizer = getattr(pipe, "tokenizer_2", None)
+    key = (id(tokenizer), prompt, max_sequence_length)
+    if tokenizer is None or key in _NOTED:
+        return
+    _NOTED.add(key)
+    ids = tokenizer(prompt, truncation=True, max_length=max_sequence_length + 1).input_ids
+    if len(ids) <= max_sequence_length:
+        return
+    kept = tokenizer.decode(ids[: max_sequence_length - 1], skip_special_tokens=True)
+    warnings.warn(
+        f"the prompt is longer than the {max_sequence_length} T5 tokens the model reads: it sees "
+        f"{kept!r} (words outside the tokenizer's vocabulary take one token per letter)",
+        stacklevel=3,
+    )

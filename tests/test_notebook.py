@@ -116,3 +116,18 @@ def test_a_sweep_result_and_its_store_show_themselves_in_one_line(tiny, tmp_path
         f"SweepResult({tmp_path / 's'}: 4 point(s) generated here, 0 already"
     )
     assert repr(result.store).endswith("flux-tiny, 2x2 points, 4 image(s), complete True)")
+
+
+def test_a_truncated_prompt_is_named_in_words_once(toy_pipe, recwarn, caplog):
+    from flux_ir.sampling import SamplingOptions, generate
+
+    pipe, spec = toy_pipe
+    opts = SamplingOptions.from_spec(spec, prompt="a beautiful landscape", num_steps=1)
+    generate(pipe, opts, seed=0, output_type="latent")
+    generate(pipe, opts, seed=1, output_type="latent")
+    notes = [str(w.message) for w in recwarn if "T5 tokens" in str(w.message)]
+    assert notes == [
+        "the prompt is longer than the 16 T5 tokens the model reads: it sees 'a beautiful lands' "
+        "(words outside the tokenizer's vocabulary take one token per letter)"
+    ]
+    assert "truncated because" not in caplog.text
