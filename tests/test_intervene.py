@@ -141,3 +141,30 @@ def test_a_capture_with_edits_records_them_and_the_edited_activations(tiny):
     img = cap.image_tokens("double", 1, 3)
     assert torch.equal(img, torch.zeros_like(img))
     assert cap.image_tokens("double", 1, 2).abs().sum() > 0
+
+
+@pytest.mark.parametrize("setting", ["group offload", "compiled blocks"])
+def test_edits_give_the_same_run_under_offload_and_compiled_blocks(tiny, setting):
+    from flux_ir.models import build_tiny_pipeline
+    from flux_ir.models.compile import compile_blocks
+    from flux_ir.models.loading import place_pipeline
+
+    pipe, _ = tiny
+    opts = small_opts(negative_prompt="blurry", true_cfg_scale=3.0)
+    edits = [
+        (Site("single", 1, steps=(1, 2)), zero()),
+        (Site("double", 0), add(torch.ones(32), 0.3)),
+    ]
+    expected = final_latents(pipe, opts, edits)
+    other = build_tiny_pipeline()
+    if setting == "group offload":
+        place_pipeline(other, "cpu", "group")  # diffusers' hooks around the blocks, on the CPU
+    else:
+        torch._dynamo.reset()
+        compile_blocks(other.transformer, backend="eager")  # fullgraph: an edit inside would raise
+    try:
+        got = final_latents(other, opts, edits)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, final_latents(pipe, opts))
