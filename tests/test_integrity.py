@@ -436,3 +436,4 @@ def test_decode_command_with_the_wrong_model(toy_pipe, saved_pt, tmp_path, capsy
     code = main(["decode", str(saved_pt), "--model", "flux-toy", "--output_dir", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err == f"error: {MISMATCH.replace('{param}', '--model')}\n"
+    assert not (tmp_path / "decoded").exists()  # refused before anything is written

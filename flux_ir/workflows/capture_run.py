@@ -164,8 +164,7 @@ def decode_to_dir(
     """
     inter = Path(intermediates_dir)
     target = lens.target
-    decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")
-    decoded.mkdir(parents=True, exist_ok=True)
+    decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")  # made by the first save
     thumbs = {}
     for item, images in decode_capture(pipe, cap, None, target, lens.batch_size, progress):
         for j, img in enumerate(images):
