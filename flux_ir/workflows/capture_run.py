@@ -164,7 +164,8 @@ def decode_to_dir(
     """
     inter = Path(intermediates_dir)
     target = lens.target
-    decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")  # made by the first save
+    # the folder is made by the first save: a refused model leaves nothing behind
+    decoded = inter / ("decoded" if target == "x0" else f"decoded_{target}")
     thumbs = {}
     for item, images in decode_capture(pipe, cap, None, target, lens.batch_size, progress):
         for j, img in enumerate(images):
