@@ -217,7 +217,7 @@ def load_pipeline(
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif spec.source == "package":
-        pipe = load_toy_pipeline(opts.weights_dir)  # None: $FLUX_IR_TOY_WEIGHTS or the package's
+        pipe = load_toy_pipeline(opts.weights_dir, spec.name)  # None: its variable or the package's
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:

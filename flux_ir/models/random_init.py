@@ -29,7 +29,7 @@ from flux_ir.models.tiny import (
     build_t5_tokenizer,
     build_tiny_pipeline,
 )
-from flux_ir.models.toy import build_toy_pipeline
+from flux_ir.models.toy import ARCH_2, build_toy_pipeline
 
 # FLUX.1 [dev]/[schnell] transformer (flux/util.py configs), 11.9 B parameters.
 TRANSFORMER = dict(
@@ -106,7 +106,8 @@ def build_random_pipeline(
     if spec.source == "builtin":
         return build_tiny_pipeline(seed).to(device=device, dtype=dtype)
     if spec.source == "package":  # flux-toy's architecture, untrained
-        return build_toy_pipeline(seed=seed).to(device=device, dtype=dtype)
+        arch = ARCH_2 if spec.name == "flux-toy-2" else None
+        return build_toy_pipeline(arch, seed=seed).to(device=device, dtype=dtype)
     guidance = spec.guidance is not None
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     old_dtype = torch.get_default_dtype()

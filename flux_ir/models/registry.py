@@ -89,6 +89,19 @@ REGISTRY: dict[str, ModelSpec] = {
         size=128,
         prompt="a red circle on a blue background",
     ),
+    "flux-toy-2": ModelSpec(
+        "flux-toy-2",
+        "package",
+        num_steps=16,
+        guidance=None,
+        max_sequence_length=24,
+        description="flux-toy grown and trained on scenes of one to three objects (128x128); "
+        "weights from train_toy.py --world 2",
+        true_cfg_scale=2.0,
+        negative_prompt="",
+        size=128,
+        prompt="a large plain red circle left of a small striped blue square on a white background",
+    ),
 }
 
 

@@ -34,6 +34,11 @@ from flux_ir.models.tiny import assemble_pipeline, build_clip_tokenizer
 
 WEIGHTS_ENV = "FLUX_IR_TOY_WEIGHTS"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "toy_weights"
+# each toy model: (environment variable naming another weights directory, the package's directory)
+TOY_MODELS: dict[str, tuple[str, Path]] = {
+    "flux-toy": (WEIGHTS_ENV, PACKAGE_WEIGHTS),
+    "flux-toy-2": ("FLUX_IR_TOY2_WEIGHTS", Path(__file__).resolve().parent / "toy2_weights"),
+}
 CONFIG_FILE = "toy.json"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
@@ -42,6 +47,15 @@ WORDS = (
     "a an the on of and in with background shape circle square triangle "
     "red green blue yellow purple white orange black gray pink"
 ).split()
+# flux-toy-2's captions add these (its tokenizer lists them after the first model's words, so the
+# first model's word embeddings carry over by piece)
+WORDS_2 = (
+    WORDS
+    + (
+        "star cross hexagon circles squares triangles stars crosses hexagons shapes "
+        "small large plain striped dotted left above two three"
+    ).split()
+)
 
 # Architecture (JSON-able; the shipped toy.json records the one its weights belong to).
 ARCH: dict = {
@@ -97,6 +111,16 @@ ARCH: dict = {
     "shift_factor": 0.0,
 }
 
+# flux-toy-2: the first model's width, 6 double and 12 single blocks (the first model's blocks and
+# copies of them, grown function-preserving), captions up to 24 T5 tokens and 128 CLIP bytes.
+ARCH_2: dict = {
+    **ARCH,
+    "vocabulary": 2,
+    "transformer": {**ARCH["transformer"], "num_layers": 6, "num_single_layers": 12},
+    "clip": {**ARCH["clip"], "max_position_embeddings": 128},
+    "max_sequence_length": 24,
+}
+
 # A smaller architecture of the same shape, for CPU smoke runs and tests.
 SMOKE_ARCH: dict = {
     **ARCH,
@@ -109,12 +133,20 @@ SMOKE_ARCH: dict = {
         "sample_size": 64,
     },
 }
+SMOKE_ARCH_2: dict = {
+    **SMOKE_ARCH,
+    "vocabulary": 2,
+    "transformer": {**SMOKE_ARCH["transformer"], "num_layers": 3, "num_single_layers": 3},
+    "clip": ARCH_2["clip"],
+    "max_sequence_length": ARCH_2["max_sequence_length"],
+}
 
 
-def build_t5_word_tokenizer(max_length: int = 16) -> T5Tokenizer:
-    """Unigram tokenizer with T5's special tokens: caption words are single pieces, others spelled."""
+def build_t5_word_tokenizer(max_length: int = 16, words: list[str] | None = None) -> T5Tokenizer:
+    """Unigram tokenizer with T5's special tokens: caption words (`words`, default flux-toy's) are
+    single pieces, others spelled."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -4.0)]
-    pieces += [("\u2581" + w, -1.0) for w in WORDS]
+    pieces += [("\u2581" + w, -1.0) for w in (WORDS if words is None else words)]
     alphabet = string.ascii_letters + string.digits + string.punctuation
     pieces += [(c, -6.0) for c in alphabet] + [("\u2581" + c, -5.0) for c in alphabet]
     first = {}  # one entry per piece: a caption word keeps its word score
@@ -125,10 +157,14 @@ def build_t5_word_tokenizer(max_length: int = 16) -> T5Tokenizer:
 
 
 def build_toy_pipeline(arch: dict | None = None, seed: int = 0) -> FluxPipeline:
-    """flux-toy's architecture on the CPU in float32 with random (seeded) weights, in eval mode."""
+    """flux-toy's architecture (or `arch`, e.g. ARCH_2) on the CPU in float32 with random (seeded)
+    weights, in eval mode."""
     arch = ARCH if arch is None else arch
     clip_tok = build_clip_tokenizer()
-    t5_tok = build_t5_word_tokenizer(arch["max_sequence_length"])
+    # CLIP reads bytes: longer captions need more positions (FluxPipeline pads to this length)
+    clip_tok.model_max_length = arch["clip"].get("max_position_embeddings", 77)
+    words = WORDS_2 if arch.get("vocabulary", 1) == 2 else WORDS
+    t5_tok = build_t5_word_tokenizer(arch["max_sequence_length"], words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**arch["transformer"])
@@ -159,37 +195,52 @@ def build_toy_pipeline(arch: dict | None = None, seed: int = 0) -> FluxPipeline:
     return assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer)
 
 
-def toy_weights_dir(weights_dir: str | Path | None = None) -> Path:
-    """The weights directory: the argument, else $FLUX_IR_TOY_WEIGHTS, else the package's own."""
+def toy_weights_dir(weights_dir: str | Path | None = None, name: str = "flux-toy") -> Path:
+    """The weights directory of toy model `name`: the argument, else its environment variable
+    ($FLUX_IR_TOY_WEIGHTS, $FLUX_IR_TOY2_WEIGHTS), else the package's own."""
     if weights_dir is None:
-        weights_dir = os.environ.get(WEIGHTS_ENV) or PACKAGE_WEIGHTS
+        env, package = TOY_MODELS[name]
+        weights_dir = os.environ.get(env) or package
     return Path(weights_dir).expanduser()
 
 
-def has_toy_weights(weights_dir: str | Path | None = None) -> bool:
-    d = toy_weights_dir(weights_dir)
+def has_toy_weights(weights_dir: str | Path | None = None, name: str = "flux-toy") -> bool:
+    d = toy_weights_dir(weights_dir, name)
     return (d / CONFIG_FILE).is_file() and all(
         (d / f"{c}.safetensors").is_file() for c in COMPONENTS
     )
 
 
-def read_toy_config(weights_dir: str | Path | None = None) -> dict:
+def read_toy_config(weights_dir: str | Path | None = None, name: str = "flux-toy") -> dict:
     """The `toy.json` beside the weights: architecture, VAE scaling/shift, training record."""
-    return json.loads((toy_weights_dir(weights_dir) / CONFIG_FILE).read_text())
+    return json.loads((toy_weights_dir(weights_dir, name) / CONFIG_FILE).read_text())
 
 
-def load_toy_pipeline(weights_dir: str | Path | None = None) -> FluxPipeline:
-    """flux-toy on the CPU in float32 from safetensors files (no pickle, no network).
+def load_toy_pipeline(
+    weights_dir: str | Path | None = None, name: str = "flux-toy"
+) -> FluxPipeline:
+    """Toy model `name` (flux-toy or flux-toy-2) on the CPU in float32 from safetensors files (no
+    pickle, no network); `weights_dir` overrides where they come from.
 
     Raises ModelUnavailableError naming the training script when the weights are absent.
     """
-    d = toy_weights_dir(weights_dir)
+    if name not in TOY_MODELS:
+        raise ModelUnavailableError(
+            f"{name!r} is no toy model; toy models: {', '.join(TOY_MODELS)}"
+        )
+    d = toy_weights_dir(weights_dir, name)
     if not has_toy_weights(d):
         missing = [f"{c}.safetensors" for c in COMPONENTS] + [CONFIG_FILE]
+        env = TOY_MODELS[name][0]
+        how = (
+            f"`python train_toy.py --out {d}` (one GPU, about 20 minutes)"
+            if name == "flux-toy"
+            else f"`python train_toy.py --world 2 --out {d}` (one GPU, about 15 minutes)"
+        )
         raise ModelUnavailableError(
-            f"flux-toy weights not found in {d} (needs {', '.join(missing)}). Train them with "
-            f"`python train_toy.py --out {d}` (one GPU, about 20 minutes), or point "
-            f"${WEIGHTS_ENV} at a directory holding them; meanwhile --model flux-tiny runs offline."
+            f"{name} weights not found in {d} (needs {', '.join(missing)}). Train them with "
+            f"{how}, or point ${env} at a directory holding them; meanwhile --model flux-tiny "
+            "runs offline."
         )
     config = read_toy_config(d)
     pipe = build_toy_pipeline(config["arch"])
