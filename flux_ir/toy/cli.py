@@ -21,12 +21,18 @@ def train(
     dit_steps: int | None = None,
     batch: int | None = None,
     save_every_s: float | None = None,
+    world: int = 1,
+    dit_seconds: float | None = None,
+    init_from: str | None = None,
+    num_latents: int | None = None,
 ) -> None:
-    """Train flux-toy (VAE, then transformer and text encoders) on shape scenes, resumably.
+    """Train flux-toy (VAE, then transformer and text encoders) on shape scenes, resumably; with
+    --world 2, flux-toy-2 on scenes of one to three objects, grown from flux-toy.
 
     Writes transformer/vae/text_encoder/text_encoder_2 .safetensors (float16), toy.json and
     losses.json to --out, after the VAE phase, every --save_every_s seconds and at the end;
-    checkpoint.pt (for --resume) when the time budget stops a run early.
+    checkpoint.pt (for --resume) when the time budget stops a run early (--world 2: checkpoint.pt
+    and optimizer.pt, each under 16 MiB).
 
     Args:
         out: directory for the weights and logs.
@@ -41,20 +47,44 @@ def train(
         dit_steps: transformer steps (default 6600; 3 with --smoke).
         batch: transformer batch size (default 2048; 4 with --smoke).
         save_every_s: seconds between weight exports (default 120).
+        world: 1 (flux-toy, one shape per scene) or 2 (flux-toy-2, one to three objects).
+        dit_seconds: --world 2: seconds of transformer training over all invocations; the first
+            steps are timed and fix the step count (default 680; 0: exactly --dit_steps).
+        init_from: --world 2: flux-toy weights directory to grow from (default the package's;
+            "none": random weights).
+        num_latents: scenes encoded for the transformer phase (default 131072; 16 with --smoke).
     """
-    from flux_ir.toy.train import TrainConfig, train_toy
+    from flux_ir.errors import InvalidArgumentError
 
+    if world not in (1, 2):
+        raise InvalidArgumentError(f"{{param}} must be 1 or 2, got {world!r}", "world")
     given = dict(
         time_budget_s=time_budget_s,
         vae_steps=vae_steps,
         dit_steps=dit_steps,
         batch=batch,
         save_every_s=save_every_s,
+        num_latents=num_latents,
     )
     kw = dict(out=str(out), seed=seed, device=device, compile=bool(compile))
     kw.update({k: v for k, v in given.items() if v is not None})
-    cfg = TrainConfig.smoke_config(**kw) if smoke else TrainConfig(**kw)
-    summary = train_toy(cfg, resume=bool(resume))
+    if world == 1:
+        if dit_seconds is not None or init_from is not None:
+            flag = "dit_seconds" if dit_seconds is not None else "init_from"
+            raise InvalidArgumentError("{param} is for --world 2", flag)
+        from flux_ir.toy.train import TrainConfig, train_toy
+
+        cfg = TrainConfig.smoke_config(**kw) if smoke else TrainConfig(**kw)
+        summary = train_toy(cfg, resume=bool(resume))
+    else:
+        from flux_ir.toy.train2 import TrainConfig2, train_toy2
+
+        if dit_seconds is not None:
+            kw["dit_seconds"] = float(dit_seconds) or None
+        if init_from is not None:
+            kw["init_from"] = None if str(init_from).lower() == "none" else str(init_from)
+        cfg = TrainConfig2.smoke_config(**kw) if smoke else TrainConfig2(**kw)
+        summary = train_toy2(cfg, resume=bool(resume))
     print(json.dumps(summary, indent=2), flush=True)
 
 
@@ -111,3 +141,11 @@ def quality(
     write_text(Path(out) / "toy_quality.json", json.dumps(report, indent=1))
     write_text(Path(out) / "toy_quality.md", md + "\n")
     print(md, flush=True)
+
+
+if __name__ == "__main__":  # python -m flux_ir.toy.cli train|quality ...
+    import sys
+
+    from flux_ir.cli import run_fire
+
+    sys.exit(run_fire({"train": train, "quality": quality}, name="python -m flux_ir.toy.cli"))

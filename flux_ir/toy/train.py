@@ -181,10 +181,7 @@ class VaeTraining:
         cfg = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = lr_at(cfg.vae_lr, step, cfg.vae_steps)
-        x = make_scenes(
-            cfg.vae_batch, cfg.arch["sample_size"], generator=self.gen, device=self.device
-        )
-        x = x.images * 2 - 1
+        x = self.scenes(cfg.vae_batch, cfg.arch["sample_size"]) * 2 - 1
         with autocast(self.device):
             posterior = self.vae.encode(x).latent_dist
             recon = self.vae.decode(posterior.sample(generator=self.gen)).sample
@@ -198,6 +195,10 @@ class VaeTraining:
         if torch.isfinite(norm).item():  # the VAE phase is short: a host sync per step is fine
             self.opt.step()
         return dict(loss=loss, mse=mse, kl=kl)
+
+    def scenes(self, n: int, size: int) -> torch.Tensor:
+        """A fresh batch of training images [n, 3, size, size] in [0, 1]."""
+        return make_scenes(n, size, generator=self.gen, device=self.device).images
 
     def state_dict(self) -> dict:
         return dict(opt=self.opt.state_dict(), gen=self.gen.get_state())
@@ -591,13 +592,20 @@ def write_history(out: Path, state: RunState) -> None:
 
 @torch.no_grad()
 def vae_psnr(
-    pipe: FluxPipeline, n: int, size: int, seed: int, device: torch.device, batch: int = 128
+    pipe: FluxPipeline,
+    n: int,
+    size: int,
+    seed: int,
+    device: torch.device,
+    batch: int = 128,
+    scenes=make_scenes,
 ) -> float:
-    """Mean PSNR (dB, pixels in [0, 1]) of VAE reconstructions of `n` held-out scenes."""
+    """Mean PSNR (dB, pixels in [0, 1]) of VAE reconstructions of `n` held-out scenes (`scenes`:
+    `make_scenes` or `flux_ir.toy.world.make_world`)."""
     gen = torch.Generator(device).manual_seed(seed)
     values = []
     for start in range(0, n, batch):
-        x = make_scenes(min(batch, n - start), size, generator=gen, device=device).images
+        x = scenes(min(batch, n - start), size, generator=gen, device=device).images
         with autocast(device):
             y = pipe.vae.decode(pipe.vae.encode(x * 2 - 1).latent_dist.mode()).sample
         y = ((y.float() + 1) / 2).clamp(0, 1)
