@@ -4,8 +4,9 @@
     result = check_images(images)
     result.shape, result.colour          # [B] indices into SHAPES (or NO_SHAPE) / COLOURS
 
-Geometry, not learning: the background is the median of the border pixels; the shape is every pixel far
-from it; its colour is the nearest palette colour to the shape's median pixel; its class comes from how
+Geometry, not learning: the background is the median of the border pixels; the shape is the largest
+connected region of pixels far from it (a stray pixel of VAE noise elsewhere neither joins it nor
+stretches its bounding box); its colour is the nearest palette colour to the shape's median pixel; its class comes from how
 much of its bounding box it fills (square 1, circle pi/4, upright triangle 1/2).
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from flux_ir.toy.scenes import palette_tensor
 
@@ -53,12 +56,24 @@ def shape_token_mask(images: torch.Tensor, patch: int = 16) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask.float()[:, None], patch)[:, 0] > 0
 
 
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """Each image's largest 8-connected region of `mask` [B, H, W] (bool), holes filled."""
+    out = np.zeros(mask.shape, dtype=bool)
+    eight = np.ones((3, 3), dtype=bool)
+    for i, m in enumerate(mask.cpu().numpy()):
+        labels, n = ndimage.label(ndimage.binary_fill_holes(m), structure=eight)
+        if n:
+            out[i] = labels == (np.bincount(labels.ravel())[1:].argmax() + 1)
+    return torch.from_numpy(out).to(mask.device)
+
+
 @torch.no_grad()
 def check_images(images: torch.Tensor) -> CheckResult:
     """Classify images [B, 3, H, W] (float in [0, 1])."""
     images = images.float()
     b, _, h, w = images.shape
     bg, mask = _background_and_mask(images)  # [B, 3], [B, H, W]
+    mask = largest_component(mask)
     area = mask.flatten(1).sum(1).float()
     rows, cols = mask.any(2), mask.any(1)  # [B, H], [B, W]
     height = _extent(rows).float()

@@ -98,8 +98,12 @@ def quality(
     lens_prompts: int = 8,
     batch: int = 50,
     skip_cpu: bool = False,
+    world: int = 1,
+    checker_scenes: int = 200,
 ) -> None:
-    """Measure flux-toy's quality bars and print them as a table (JSON and markdown into --out).
+    """Measure flux-toy's quality bars and print them as a table (JSON and markdown into --out);
+    with --world 2, flux-toy-2's adherence per attribute and binding beside the checker's own
+    accuracy.
 
     Figures: VAE PSNR on held-out scenes, checker colour/shape accuracy on --samples samples, lens
     convergence (Spearman over depth), a --grid x --grid neutral-prompt grid's class shares and
@@ -114,20 +118,38 @@ def quality(
         lens_prompts: prompts for the lens bar.
         batch: images per pipeline call.
         skip_cpu: skip the 2-thread CPU timing.
+        world: 1 (flux-toy) or 2 (flux-toy-2; weights default to $FLUX_IR_TOY2_WEIGHTS, else the
+            package's).
+        checker_scenes: --world 2: random scenes for the checker's own accuracy.
     """
     import torch
 
+    from flux_ir.errors import InvalidArgumentError
     from flux_ir.io.atomic import write_text
     from flux_ir.models import LoadOptions, load_pipeline
-    from flux_ir.toy.quality import measure_all, table
 
+    if world not in (1, 2):
+        raise InvalidArgumentError(f"{{param}} must be 1 or 2, got {world!r}", "world")
     load = LoadOptions.create(
-        "flux-toy",
+        "flux-toy" if world == 1 else "flux-toy-2",
         device,
         dtype=torch.float32,
         weights_dir=None if weights is None else str(weights),
     )
     pipe, spec = load_pipeline(load)
+    if world == 2:
+        from flux_ir.toy.quality2 import measure_world2, table2
+
+        report = measure_world2(
+            pipe, spec, samples=samples, batch=batch, checker_scenes=checker_scenes
+        )
+        md = table2(report)
+        write_text(Path(out) / "toy2_quality.json", json.dumps(report, indent=1))
+        write_text(Path(out) / "toy2_quality.md", md + "\n")
+        print(md, flush=True)
+        return
+    from flux_ir.toy.quality import measure_all, table
+
     report = measure_all(
         pipe,
         spec,
