@@ -49,7 +49,7 @@ def train(
         save_every_s: seconds between weight exports (default 120).
         world: 1 (flux-toy, one shape per scene) or 2 (flux-toy-2, one to three objects).
         dit_seconds: --world 2: seconds of transformer training over all invocations; the first
-            steps are timed and fix the step count (default 680; 0: exactly --dit_steps).
+            steps are timed and fix the step count (default 640; 0: exactly --dit_steps).
         init_from: --world 2: flux-toy weights directory to grow from (default the package's;
             "none": random weights).
         num_latents: scenes encoded for the transformer phase (default 131072; 16 with --smoke).
