@@ -141,7 +141,12 @@ def quality(
         from flux_ir.toy.quality2 import measure_world2, table2
 
         report = measure_world2(
-            pipe, spec, samples=samples, batch=batch, checker_scenes=checker_scenes
+            pipe,
+            spec,
+            samples=samples,
+            batch=batch,
+            checker_scenes=checker_scenes,
+            skip_cpu=bool(skip_cpu),
         )
         md = table2(report)
         write_text(Path(out) / "toy2_quality.json", json.dumps(report, indent=1))
