@@ -28,6 +28,8 @@ PUBLIC = [
 NOT_RUN = {
     "flux_ir.toy.train": "trains flux-toy for about 20 minutes on a GPU",
     "flux_ir.toy.quality": "measures the quality bars for minutes",
+    "flux_ir.toy.train2": "trains flux-toy-2 for about 13 minutes on a GPU",
+    "flux_ir.toy.quality2": "needs flux-toy-2's trained weights and measures for minutes",
 }
 
 

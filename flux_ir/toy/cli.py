@@ -49,7 +49,7 @@ def train(
         save_every_s: seconds between weight exports (default 120).
         world: 1 (flux-toy, one shape per scene) or 2 (flux-toy-2, one to three objects).
         dit_seconds: --world 2: seconds of transformer training over all invocations; the first
-            steps are timed and fix the step count (default 680; 0: exactly --dit_steps).
+            steps are timed and fix the step count (default 640; 0: exactly --dit_steps).
         init_from: --world 2: flux-toy weights directory to grow from (default the package's;
             "none": random weights).
         num_latents: scenes encoded for the transformer phase (default 131072; 16 with --smoke).
@@ -141,7 +141,12 @@ def quality(
         from flux_ir.toy.quality2 import measure_world2, table2
 
         report = measure_world2(
-            pipe, spec, samples=samples, batch=batch, checker_scenes=checker_scenes
+            pipe,
+            spec,
+            samples=samples,
+            batch=batch,
+            checker_scenes=checker_scenes,
+            skip_cpu=bool(skip_cpu),
         )
         md = table2(report)
         write_text(Path(out) / "toy2_quality.json", json.dumps(report, indent=1))

@@ -23,7 +23,7 @@ from diffusers import FluxPipeline
 
 from flux_ir.models.registry import ModelSpec
 from flux_ir.sampling import SamplingOptions
-from flux_ir.toy.quality import device_of, generate_images
+from flux_ir.toy.quality import cpu_seconds, device_of, generate_images
 from flux_ir.toy.train import autocast, vae_psnr
 from flux_ir.toy.world import KINDS, caption, make_world, render, sample_layout
 from flux_ir.toy.world_checker import (
@@ -174,8 +174,10 @@ def measure_world2(
     samples: int = 200,
     batch: int = 50,
     checker_scenes: int = 200,
+    skip_cpu: bool = False,
 ) -> dict:
-    """flux-toy-2's figures, sampled with the model's defaults (`spec`)."""
+    """flux-toy-2's figures, sampled with the model's defaults (`spec`); last, unless `skip_cpu`,
+    the seconds of one image on 2 CPU threads (the pipeline moves to the CPU)."""
     size = int(pipe.vae.config.sample_size)
     opts = SamplingOptions.from_spec(spec, width=size, height=size)
     report: dict = dict(model=spec.name, size=size, steps=opts.num_steps)
@@ -185,6 +187,8 @@ def measure_world2(
     )
     report["checker"] = checker_report(pipe, checker_scenes, size, seed=4321)
     report["adherence"] = adherence2(pipe, opts, samples, batch=batch)
+    if not skip_cpu:
+        report["cpu_seconds"] = cpu_seconds(pipe.to("cpu"), opts)
     return report
 
 
@@ -193,7 +197,12 @@ def table2(report: dict) -> str:
     adh = report["adherence"]
     lines = [
         f"{report['model']}: {adh['model']['count_n']} prompts, {report['steps']} steps, "
-        f"true CFG {report['true_cfg_scale']}; VAE PSNR {report['vae_psnr_db']:.2f} dB",
+        f"true CFG {report['true_cfg_scale']}; VAE PSNR {report['vae_psnr_db']:.2f} dB"
+        + (
+            f"; {report['cpu_seconds']:.2f} s per image on 2 CPU threads"
+            if "cpu_seconds" in report
+            else ""
+        ),
         "",
         "| figure | model | checker on clean renders | checker on VAE renders | prompts |",
         "|---|---|---|---|---|",

@@ -78,7 +78,7 @@ class TrainConfig2(TrainConfig):
     text_lr: float = 3e-4
     warmup: int = 200
     dit_steps: int = 20000  # a cap; `dit_seconds` sets the count actually trained
-    dit_seconds: float | None = 680.0
+    dit_seconds: float | None = 640.0
     p_neutral: float = 0.12
     p_partial: float = 0.3
     variants: int = 4  # captions kept per scene: the full one and variants - 1 partial ones

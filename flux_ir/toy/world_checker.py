@@ -1,6 +1,8 @@
 """Read flux-toy-2 scenes back from pixels: background, then every object's shape, colour, texture,
 size and place, with a reject class for blobs that fit no shape.
 
+    from flux_ir.toy.world import make_world
+
     world = make_world(8, size=64, seed=0)
     reading = read_world(world.images)                # WorldReading
     reading.count, reading.shape[:, 0]                # [B] objects found, [B] largest object's shape
