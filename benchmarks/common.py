@@ -192,7 +192,7 @@ class DeviceMemory:
     `result()`: GB; `context_GB`: in use beyond the allocator's reservation when sampling began."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_used, self.context = interval, 0, None
+        self.interval, self.peak_used, self.context, self.peaks = interval, 0, None, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._cuda = torch.cuda.is_available()
@@ -217,21 +217,22 @@ class DeviceMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.peaks = {}
         if self._cuda:
             self._stop.set()
             self._thread.join()
             if torch.cuda.is_initialized():
                 self._sample()
+                self.peaks = {
+                    "peak_device_used_GB": gb(self.peak_used),
+                    "peak_reserved_GB": gb(torch.cuda.max_memory_reserved()),
+                    "peak_allocated_GB": gb(torch.cuda.max_memory_allocated()),
+                    "context_GB": gb(self.context),
+                }
 
     def result(self) -> dict:
-        if not (self._cuda and torch.cuda.is_initialized()):
-            return {}
-        return {
-            "peak_device_used_GB": gb(self.peak_used),
-            "peak_reserved_GB": gb(torch.cuda.max_memory_reserved()),
-            "peak_allocated_GB": gb(torch.cuda.max_memory_allocated()),
-            "context_GB": gb(self.context),
-        }
+        """The peaks (GB) over the block (empty without CUDA)."""
+        return dict(self.peaks)
 
 
 class NvidiaSmi:
