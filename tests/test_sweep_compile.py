@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.models import load_pipeline
@@ -35,6 +36,9 @@ def test_compiled_sweep_matches_the_eager_one(tiny, tmp_path):
     forward = pipe.transformer.transformer_blocks[0].forward
     result = run_sweep(pipe, cfg, tmp_path / "compiled", batch_size=4, progress=False, compile=True)
     assert pipe.transformer.transformer_blocks[0].forward is forward  # compiled once
+    graphs = counters["stats"]["unique_graphs"]
+    run_sweep(pipe, cfg, tmp_path / "again", batch_size=4, progress=False, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation per block or sweep
     assert getattr(pipe.vae.decoder, COMPILED) == {"backend": "eager"}
     assert result.store.read_metadata()["compile"] == "default"
     a, b = pixels(tmp_path / "eager"), pixels(tmp_path / "compiled")

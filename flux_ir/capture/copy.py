@@ -148,7 +148,8 @@ class Region:
 
     def __init__(self, buffer, size: int, pinned: bool, registered: bool, ptr: int = 0):
         self.buffer, self.size, self.pinned, self.registered = buffer, size, pinned, registered
-        weakref.finalize(self, _release_region, buffer, ptr, registered)
+        # not at exit: the system takes the memory back with the process
+        weakref.finalize(self, _release_region, buffer, ptr, registered).atexit = False
 
     def view(self, on_release=None) -> np.ndarray:
         if isinstance(self.buffer, torch.Tensor):
@@ -156,7 +157,7 @@ class Region:
         else:
             array = np.frombuffer(self.buffer, np.uint8)
         # the callback holds the region: it outlives every tensor carved from this view
-        weakref.finalize(array, on_release or _keep, self)
+        weakref.finalize(array, on_release or _keep, self).atexit = False
         return array
 
 
@@ -531,11 +532,11 @@ class _Jobs:
 
 def complete(job: tuple) -> None:
     """Wait for a job's copies, drain its staged tensors out of the slab, and mark it done."""
-    jobs, n, event, slab, runs, sources = job
+    jobs, n, event, slab, runs, held = job
     job = None
     try:
         event.synchronize()
-        del sources  # the copies are done: the device memory may be reused
+        del held  # the copies are done: the device memory may be reused
         if runs:
             drain_runs(runs, slab)
     except BaseException as err:  # surfaced by synchronize()
@@ -624,7 +625,7 @@ class AsyncCopier:
         self._jobs = _Jobs(max(2, pool_bytes // group_bytes))
         self._reserved = [0]  # what this copier still asks of the pool (a list: the finalizer's)
         self.stats = {"carved_bytes": 0, "staged_bytes": 0}  # host bytes by path
-        weakref.finalize(self, _cancel, self.pool, self._reserved)
+        weakref.finalize(self, _cancel, self.pool, self._reserved).atexit = False
         if prefetch_bytes is None:
             prefetch_bytes = PREFETCH_BYTES if self.pool.pin else 0
         if dest == "pinned" and prefetch_bytes:
@@ -724,7 +725,10 @@ class AsyncCopier:
             event.record(stream)
         # the drain needs only where each staged tensor goes; the sources are dropped once copied
         runs = [(dest, at) for (_, dest), at in zip(staged, offsets, strict=True)]
-        self._submit((self._jobs, self._jobs.start(), event, slab, runs, [p[0] for p in pending]))
+        # the job holds the sources (their memory is not reused) and the carved host tensors (their
+        # region is not given back) until the copies have landed
+        held = [(src, dest) for src, dest, direct in pending if direct] + [p[0] for p in staged]
+        self._submit((self._jobs, self._jobs.start(), event, slab, runs, held))
 
     def _submit(self, job: tuple) -> None:
         drainer().queue.put(job)
