@@ -271,6 +271,18 @@ def test_pinned_pool_hands_back_the_smallest_fitting_slab_among_several():
     assert huge.numel() == 160 * mb and pool.free == [] and pool.total == 160 * mb
 
 
+def test_staging_slabs_prepared_ahead_are_used_without_making_more():
+    pool = PinnedPool(budget=64 * MiB, pin=False)
+    pool.prepare(2, 20 * MiB)  # rounded to 32 MiB slabs, made in a background thread
+    slab = pool.acquire(10 * MiB)  # waits for a prepared one instead of making its own
+    assert slab.numel() == 32 * MiB and pool.total == 64 * MiB
+    pool.prepare(2, 20 * MiB)  # the budget holds no third slab: nothing more
+    pool.release(slab)
+    with pool.cond:
+        assert pool.cond.wait_for(lambda: len(pool.free) == 2, timeout=30)
+    assert pool.total == 64 * MiB
+
+
 def test_single_block_slices_are_copied_as_their_joint_buffer():
     from flux_ir.capture.trace import _joint_parent
 

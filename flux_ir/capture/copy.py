@@ -440,6 +440,7 @@ def _close_pool() -> None:
 class PinnedPool:
     """Reused page-locked staging slabs, at most `budget` bytes in all (one slab may exceed it alone).
 
+    `prepare(count, size)` makes slabs in a background thread, ahead of the first staged copy.
     `pin=False` allocates ordinary memory (the same bookkeeping, testable without CUDA).
     """
 
@@ -447,8 +448,13 @@ class PinnedPool:
         self.budget = budget
         self.pin = pin
         self.total = 0
+        self.making = 0  # bytes of prepared slabs on their way
+        self.making_size = 0  # their size
         self.free: list[torch.Tensor] = []
         self.cond = threading.Condition()
+
+    def _make(self, size: int) -> torch.Tensor:
+        return torch.from_numpy(make_region(size, self.pin).view())
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 pinned slab of at least `nbytes`; blocks while the pool is exhausted."""
@@ -459,22 +465,56 @@ class PinnedPool:
                 if fits:
                     return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
                 size = round_up(nbytes, SLAB_ROUND)
+                if self.making and size <= self.making_size:
+                    self.cond.wait()  # a prepared slab that fits is on its way
+                    continue
                 if self.total + size <= self.budget or self.total == 0:
                     self.total += size
-                    return torch.from_numpy(make_region(size, self.pin).view())
+                    break
                 if self.free:  # free slabs too small: drop the smallest and try again
                     i = min(range(len(self.free)), key=lambda i: self.free[i].numel())
                     self.total -= self.free.pop(i).numel()
                     continue
                 self.cond.wait()
+        return self._make(size)  # outside the lock: releases go on meanwhile
 
     def release(self, slab: torch.Tensor) -> None:
         with self.cond:
             self.free.append(slab)
             self.cond.notify_all()
 
+    def prepare(self, count: int, size: int) -> None:
+        """Make up to `count` slabs of `size` bytes in a background thread (within the budget),
+        unless the pool holds that many already."""
+        size = round_up(size, SLAB_ROUND)
+        with self.cond:
+            have = sum(1 for s in self.free if s.numel() >= size) + self.making // size
+            count = min(count - have, (self.budget - self.total) // size)
+            if count <= 0:
+                return
+            self.total += count * size
+            self.making += count * size
+            self.making_size = max(self.making_size, size)
+
+        def make() -> None:
+            for _ in range(count):
+                try:
+                    slab = self._make(size)
+                except Exception:
+                    slab = None
+                with self.cond:
+                    self.making -= size
+                    if slab is None:
+                        self.total -= size
+                    else:
+                        self.free.append(slab)
+                    self.cond.notify_all()
+
+        threading.Thread(target=make, name="flux-ir-staging", daemon=True).start()
+
 
 STAGING_BYTES = 1 << 30
+STAGING_SLABS = 4  # slabs made ahead when a pinned copier reserves (of twice its group size)
 _STAGING: PinnedPool | None = None
 
 
@@ -640,6 +680,8 @@ class AsyncCopier:
         more = max(0, int(nbytes) - self._reserved[0])
         self._reserved[0] += more
         self.pool.reserve(more, largest)
+        if self.pool.pin:  # copies that find no region yet are staged: slabs ready for them
+            staging_pool().prepare(STAGING_SLABS, 2 * self.group_bytes)
 
     # -- hot path --------------------------------------------------------------------------------
     def copy(self, t: torch.Tensor) -> torch.Tensor:
