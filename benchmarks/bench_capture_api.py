@@ -342,7 +342,7 @@ def write_all(out: Path, result: dict, rows: list[dict]) -> str:
 
         extra = markdown_table(cli_rows, CLI_COLUMNS)
         md = out / "capture_api.md"
-        md.write_text(md.read_text() + "\nCommand line, end to end:\n\n" + extra + "\n")
+        md.write_text(md.read_text() + "\n**Command line, end to end:**\n\n" + extra + "\n")
         table += "\n\n" + extra
     pool = next((v.get("pool") for v in result.get("api", {}).values() if v.get("pool")), None)
     if pool:

@@ -77,4 +77,4 @@ for f in capture_api offload_modes sweep_compiled; do
 done
 tar -czf "$OUT/overhead_benchmarks.tar.gz" -C "$SCRATCH" results
 echo
-grep -E '^\||^##|^Pool|^Command line|: exit|skipped' "$OUT/SUMMARY.md" || true
+grep -E '^\||^##|^Pool|^\*\*|: exit|skipped' "$OUT/SUMMARY.md" || true
