@@ -15,14 +15,15 @@ compared to `plain` of that shape.
 - async_per_tensor: the earlier prototype: per tensor wait_stream + copy into a reused pinned buffer
   + record_stream, no drain to pageable memory.
 - async: flux-ir's AsyncCopier as it runs by default (`dest="pinned"`): batched side-stream copies
-  straight into page-locked host chunks (within a budget of a quarter of host memory, at most 32 GiB), one event per group, no host copy.
+  straight into regions of the process's page-locked pool (within a budget of a quarter of host
+  memory, at most 32 GiB), one event per group, no host copy.
 - async_pageable: `dest="pageable"` (called "fresh" in results before 2026-12): a new pageable tensor per copy, drained
-  tensor by tensor by one thread (first-touch page faults in the drain).
+  tensor by tensor by the copiers' shared threads (first-touch page faults in the drain).
 - async_nodrain (diagnostic): async_pageable without the background pinned -> pageable copy (data
   discarded: `flux_ir.capture.copy.drain_runs` is replaced by a no-op while it runs).
 - async_img: async, image tokens only. async_sel: 9 blocks, image tokens, 2x2 pooled, bf16.
 All blocks, both streams, every step unless named otherwise. first_run_ratio: the warm-up run (new
-page-locked chunks and slabs are allocated in it) against plain's warm-up. main_cpu_ms: CPU time of the main
+page-locked regions and slabs are made in it) against plain's warm-up. main_cpu_ms: CPU time of the main
 (launching) thread per step; when it is close to step_ms the step is CPU launch-bound and any
 Python work in hooks adds to the step time one for one.
 """
@@ -165,7 +166,7 @@ def main() -> None:
     )
     copiers = {
         "async": AsyncCopier(),
-        "async_pageable": AsyncCopier(dest="pageable", drain_threads=1),
+        "async_pageable": AsyncCopier(dest="pageable"),
     }
     async_copier = copiers["async"]
     configs = {
@@ -186,7 +187,7 @@ def main() -> None:
         configs["async_per_tensor"] = lambda: BlockTrace(
             pipe.transformer, copier=PerTensorAsyncCopier()
         )
-    nodrain_copier = AsyncCopier(dest="pageable", drain_threads=1) if cuda else None
+    nodrain_copier = AsyncCopier(dest="pageable") if cuda else None
     for size, batch in shapes:
         grid = (size // 16, size // 16)
         opts = sampling_options(size, steps, max_len)

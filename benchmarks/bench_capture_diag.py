@@ -13,16 +13,16 @@ configuration adds one stage of the capture path to the one before it:
   (no CUDA copy issued).
 - issue_only: AsyncCopier that issues the side-stream copies and records one event per group, with
   no background threads (the main thread waits for the events after the generation).
-- async: the default AsyncCopier (pinned chunks, background threads waiting for the events).
-- async_1t: the same with one background thread.
+- async: the default AsyncCopier (regions of the process's page-locked pool, the shared threads
+  waiting for the events).
 Every configuration is warmed up once, then `--repeats` rounds run each configuration once in turn
 (so a drift of the machine hits all alike); `step_ms` is the median run divided by the
 steps; `launch_ms`: main-thread CPU time per step until the pipeline returns (before the final
 device synchronisation, so spinning in it does not count); `in_hooks_ms`: wall time per step spent
 inside the trace's hooks (the copier's flushes included; the BlockTrace configurations);
 `bg_cpu_ms`: CPU time per step of all
-other threads of the process during the runs; chunk statistics: page-locked chunks made during the
-runs, the seconds spent making them (background) and the seconds the hooks waited for one.
+other threads of the process during the runs; pool statistics: page-locked regions made during the
+runs, the seconds spent making them (background) and the copies that found no region ready (staged).
 Afterwards one run each of plain and async is profiled (torch.profiler, CPU and CUDA activity) and
 the operators with the largest self CPU time are listed (`profile_<shape>.txt`).
 """
@@ -48,7 +48,7 @@ from common import (
 )
 
 from flux_ir.capture import BlockTrace
-from flux_ir.capture.copy import AsyncCopier, SyncCopier
+from flux_ir.capture.copy import AsyncCopier, SyncCopier, complete
 from flux_ir.sampling import encode_prompt
 
 NOTE = __doc__.split("What is measured:")[1]
@@ -61,9 +61,9 @@ COLUMNS = [
     "in_hooks_ms",
     "bg_cpu_ms",
     "runs_ms",
-    "chunks_made",
-    "chunk_make_s",
-    "chunk_wait_s",
+    "regions_made",
+    "region_make_s",
+    "misses",
 ]
 
 
@@ -89,15 +89,17 @@ class IssueOnly(AsyncCopier):
 
     def __init__(self):
         super().__init__(pool_bytes=1 << 40)
+        self._held: list[tuple] = []
 
-    def _start_threads(self) -> None:
-        pass
+    def _submit(self, job: tuple) -> None:
+        self._held.append(job)
 
     def synchronize(self) -> None:
         self.flush()
-        self._queue.put(None)
-        self._drain()
-        self._check_error()
+        jobs, self._held = self._held, []
+        for job in jobs:
+            complete(job)
+        super().synchronize()
 
 
 class TimedTrace(BlockTrace):
@@ -163,7 +165,6 @@ def main() -> None:
         "queue_only": QueueOnly(),
         "issue_only": IssueOnly(),
         "async": AsyncCopier(),
-        "async_1t": AsyncCopier(drain_threads=1),
     }
 
     @contextlib.contextmanager
@@ -211,7 +212,7 @@ def main() -> None:
         for _ in range(repeats):  # round robin: drifts of the machine hit every configuration
             for name, make in configs.items():
                 copier = copiers.get(name)
-                stats0 = dict(copier.chunks.stats) if copier else {}
+                stats0 = dict(copier.pool.stats) if copier else {}
                 gc.collect()  # the last run's host tensors go back to the pinned budget
                 ctx = make()
                 cpu0, h0 = thread_cpu_s(), HOOK_S[0]
@@ -222,7 +223,7 @@ def main() -> None:
                 bg[name] += sum(v - cpu0.get(t, 0.0) for t, v in cpu1.items() if t != main_tid)
                 times[name].append(wall)
                 launches[name].append(launch)
-                for k, v in copier.chunks.stats.items() if copier else ():
+                for k, v in copier.pool.stats.items() if copier else ():
                     stats[name][k] = stats[name].get(k, 0) + v - stats0[k]
         res = {}
         for name in configs:
@@ -231,7 +232,7 @@ def main() -> None:
                 times_s=times[name],
                 launch_s=launches[name],
                 bg_cpu_s=bg[name],
-                chunk_stats=stats[name],
+                pool_stats=stats[name],
             )
             rows.append(
                 dict(
@@ -242,9 +243,9 @@ def main() -> None:
                     in_hooks_ms=1000 * hook_s[name] / (steps * repeats),
                     bg_cpu_ms=1000 * bg[name] / (steps * repeats),
                     runs_ms=" / ".join(f"{1000 * t:.0f}" for t in times[name]),
-                    chunks_made=stats[name].get("chunks"),
-                    chunk_make_s=stats[name].get("make_s"),
-                    chunk_wait_s=stats[name].get("wait_s"),
+                    regions_made=stats[name].get("regions"),
+                    region_make_s=stats[name].get("make_s"),
+                    misses=stats[name].get("misses"),
                     _median=med,
                 )
             )

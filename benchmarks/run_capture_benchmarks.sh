@@ -56,7 +56,7 @@ run bench_capture 150
 run bench_hook_path 60
 run bench_stream 150 --scratch "$SCRATCH/shards"
 run bench_lens 60
-run bench_offload 180 --mode_timeout 90
+run bench_offload 180 --model flux-schnell --modes none,model,group,sequential --mode_timeout 90
 run bench_compile 150
 
 {

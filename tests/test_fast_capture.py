@@ -1,21 +1,43 @@
-"""Fast capture: the asynchronous copier records exactly what the synchronous one does."""
+"""Fast capture: the asynchronous copier records exactly what the synchronous one does, and every
+copier of a process shares one pool of page-locked memory."""
+
+import gc
 
 import pytest
 import torch
 
-from flux_ir.capture import run_capture
+from flux_ir.capture import Selection, run_capture
 from flux_ir.capture.copy import (
+    PAGE,
     AsyncCopier,
-    ChunkSource,
+    HostPool,
     PinnedPool,
     SyncCopier,
     drain_runs,
+    host_pool,
     make_copier,
     slab_layout,
 )
+from flux_ir.capture.run import capture_nbytes
 from flux_ir.errors import InvalidArgumentError
 
 from .conftest import small_opts
+
+MiB = 1 << 20
+
+
+def small_pool(budget: int = 8 * MiB, keep: int | None = None) -> HostPool:
+    """Unpinned regions of 2 MiB (the same bookkeeping as page-locked ones), kept for reuse."""
+    return HostPool(
+        budget, region_bytes=PAGE, pin=False, threads=1, keep=budget if keep is None else keep
+    )
+
+
+def ready(copier: AsyncCopier, nbytes: int) -> None:
+    """Reserve `nbytes` for `copier` and wait until the pool has made them."""
+    copier.reserve(nbytes)
+    assert copier.pool.wait_idle(timeout=30)
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,57 +64,125 @@ def test_async_copier_on_cpu_matches_sync(tiny, tiny_capture):
 @pytest.mark.parametrize("dest", ["pinned", "pageable"])
 def test_every_host_destination_matches_sync(tiny, tiny_capture, dest):
     pipe, spec = tiny
-    # small chunks and a tiny pinned budget: tensors spread over chunks, then pageable tensors
-    copier = AsyncCopier(group_bytes=4096, dest=dest, pinned_bytes=1 << 16, chunk_bytes=1 << 16)
+    # one small region in all: tensors spread over it, then go to pageable tensors
+    copier = AsyncCopier(group_bytes=4096, dest=dest, pool=small_pool(budget=PAGE))
     _, cap = run_capture(pipe, small_opts(), model_name=spec.name, copier=copier)
     copier.close()
     assert_same_capture(cap, tiny_capture[1])
 
 
 def test_carved_host_tensors_own_their_storage():
-    copier = AsyncCopier(group_bytes=1 << 30)
+    copier = AsyncCopier(group_bytes=1 << 30, pool=small_pool())
+    ready(copier, MiB)
     outs = [copier.copy(torch.full((3, 5), float(i))) for i in range(3)]
     copier.synchronize()
+    assert copier.stats["carved_bytes"] == 3 * 3 * 5 * 4 and copier.stats["staged_bytes"] == 0
     assert all(
         o.untyped_storage().nbytes() == 3 * 5 * 4 for o in outs
     )  # torch.save writes it alone
     assert [float(o[0, 0]) for o in outs] == [0.0, 1.0, 2.0]
 
 
-def test_pinned_budget_is_returned_when_carved_tensors_are_dropped():
-    source = ChunkSource(chunk_bytes=1 << 20, pinned_bytes=5 << 19, pin=False, threads=1)
-    assert source.pinned_room(1000)
-    chunks = [source.take(1000) for _ in range(2)]
-    assert [c.size for c in chunks] == [1 << 20, 1 << 20]  # first sizes are capped by chunk_bytes
-    assert not source.pinned_room(1000)  # 2 MiB live: a third chunk would pass 2.5 MiB
-    assert source.stats["chunks"] >= 2 and source.stats["make_s"] > 0
-    views = [c.array[:10] for c in chunks]
-    del chunks
-    assert source.live_pinned == 2 << 20  # views keep their chunks alive
+def test_two_copiers_share_the_pool_and_a_dropped_capture_returns_its_memory():
+    pool = small_pool()
+    first = AsyncCopier(pool=pool)
+    ready(first, MiB)
+    assert pool.stats["regions"] == 1 and pool.live == 0
+    src = torch.randn(1000)
+    out = first.copy(src)
+    first.synchronize()
+    ptr = out.data_ptr()
+    assert torch.equal(out, src) and pool.live == PAGE and pool.free_bytes == 0
+    views = [out[:10]]
+    del out
+    gc.collect()
+    assert pool.live == PAGE  # a view keeps the region in use
     del views
-    assert source.live_pinned == 0
-    assert source.pinned_room(1000)
-    source.close()
+    gc.collect()
+    assert pool.live == 0 and pool.free_bytes == PAGE  # back in the pool, kept for reuse
+    second = AsyncCopier(pool=pool)  # a new copier, as the command line makes one per capture
+    again = second.copy(src * 2)
+    second.synchronize()
+    assert again.data_ptr() == ptr and torch.equal(again, src * 2)  # the same memory, reused
+    assert pool.stats["regions"] == 1 and pool.stats["misses"] == 0
+    assert AsyncCopier().pool is AsyncCopier().pool is host_pool()  # one pool per process
 
 
-def test_copies_beyond_the_pinned_budget_go_to_pageable_tensors_with_the_same_values():
-    copier = AsyncCopier(dest="pinned", pinned_bytes=1 << 20, chunk_bytes=1 << 20)
-    srcs = [torch.randn(64, 1024) for _ in range(6)]  # 256 KiB each: 1.5 MiB in all
+def test_unpinned_pool_gives_returned_regions_back_to_the_system():
+    pool = small_pool(keep=0)
+    copier = AsyncCopier(pool=pool)
+    ready(copier, MiB)
+    out = copier.copy(torch.ones(10))
+    copier.synchronize()
+    assert pool.total == PAGE
+    del out
+    gc.collect()
+    assert pool.total == 0 and pool.free_bytes == 0
+
+
+def test_a_reservation_ends_at_synchronize_and_a_miss_asks_for_one_region():
+    pool = small_pool()
+    copier = AsyncCopier(pool=pool)
+    copier.reserve(3 * MiB)  # two 2 MiB regions
+    assert pool.demand == 3 * MiB
+    assert pool.wait_idle(timeout=30) and pool.free_bytes == 2 * PAGE
+    keep = [copier.copy(torch.zeros(MiB // 4)) for _ in range(4)]  # 1 MiB each: two regions
+    assert pool.demand == 0 and pool.free_bytes == 0  # taken regions count against the ask
+    assert copier.copy(torch.zeros(MiB // 4)) is not None and pool.stats["misses"] == 1
+    copier.synchronize()
+    assert copier.stats["staged_bytes"] == MiB  # no region was ready: staged, nothing waited
+    assert pool.wait_idle(timeout=30) and pool.free_bytes == PAGE  # the miss asked for one
+    other = AsyncCopier(pool=pool)
+    other.reserve(MiB)
+    other.synchronize()
+    assert pool.demand == 0
+    del keep
+
+
+def test_run_capture_reserves_what_the_capture_takes(tiny):
+    pipe, spec = tiny
+    pool = small_pool(budget=64 * MiB)
+    copier = AsyncCopier(pool=pool)
+    _, cap = run_capture(pipe, small_opts(), model_name=spec.name, copier=copier)
+    assert pool.demand == 0  # the reservation ended with the capture
+    carved = copier.stats["carved_bytes"] + copier.stats["staged_bytes"]
+    block_bytes = sum(
+        t.nbytes
+        for kind in ("double", "single")
+        for steps in cap.blocks(kind).values()
+        for v in steps
+        for t in (v if isinstance(v, tuple) else (v,))
+    )
+    sel = Selection().resolve(
+        len(pipe.transformer.transformer_blocks), len(pipe.transformer.single_transformer_blocks), 4
+    )
+    total, per_step, largest = capture_nbytes(pipe.transformer, sel, small_opts().sampling, 1)
+    assert block_bytes <= carved <= total  # the estimate covers every tensor copied
+    assert total < 2 * carved + 2 * largest
+    assert per_step * 4 <= total
+
+
+def test_copies_beyond_the_pool_budget_go_to_pageable_tensors_with_the_same_values():
+    pool = small_pool(budget=PAGE)
+    copier = AsyncCopier(dest="pinned", pool=pool)
+    ready(copier, PAGE)
+    srcs = [torch.randn(128, 1024) for _ in range(6)]  # 512 KiB each: 3 MiB in all
     outs = [copier.copy(s) for s in srcs]
     copier.synchronize()
     base = outs[0].data_ptr()
-    carved = [0 <= o.data_ptr() - base < 1 << 20 for o in outs]
+    carved = [0 <= o.data_ptr() - base < PAGE for o in outs]
     assert (
         carved == [True] * 4 + [False] * 2
-    )  # one 1 MiB chunk fills the budget, then pageable tensors
-    assert copier.chunks.live_pinned == 1 << 20
+    )  # one 2 MiB region fills the budget, then pageable tensors
+    assert pool.live == PAGE and pool.total == PAGE
     assert all(torch.equal(o, s) for o, s in zip(outs, srcs))
     copier.close()
 
 
 @pytest.mark.parametrize("dest", ["pinned", "pageable"])
 def test_storage_dtype_is_applied_before_the_copy(dest):
-    copier = AsyncCopier(torch.float16, dest=dest, pinned_bytes=1 << 20, chunk_bytes=1 << 20)
+    copier = AsyncCopier(torch.float16, dest=dest, pool=small_pool())
+    ready(copier, MiB)
     src = torch.randn(4, 7).t()  # not contiguous
     out = copier.copy(src)
     copier.synchronize()
@@ -103,7 +193,7 @@ def test_storage_dtype_is_applied_before_the_copy(dest):
 
 def test_command_line_copiers_map_to_their_host_destinations():
     assert isinstance(make_copier("sync"), SyncCopier)
-    assert make_copier("pageable").dest == "pageable"  # one capture per process: no page-locking
+    assert make_copier("pageable").dest == "pageable"  # every copy staged: nothing page-locked
     assert make_copier("pinned").dest == "pinned"
     with pytest.raises(
         InvalidArgumentError, match="^copy 'async': choose one of pageable, pinned, sync"
@@ -121,7 +211,8 @@ def test_staged_copies_pack_into_the_slab_aligned_and_drain_back():
 
 
 def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
-    copier = AsyncCopier(group_bytes=1 << 30)
+    copier = AsyncCopier(group_bytes=1 << 30, pool=small_pool())
+    ready(copier, MiB)
     src = torch.arange(6.0).view(2, 3)
     out = copier.copy(src)
     src.add_(100)  # the copy reads the source when the group is flushed, not before
@@ -134,15 +225,10 @@ def test_async_copier_returns_distinct_host_tensors_filled_after_flush():
 def test_async_copier_on_cuda_matches_sync(dest):
     torch.manual_seed(0)
     xs = [torch.randn(2, 300 + i, 64, device="cuda", dtype=torch.bfloat16) for i in range(40)]
-    copier = (
-        AsyncCopier(  # forces slab reuse, several chunks, then pageable tensors past the budget
-            group_bytes=200_000,
-            pool_bytes=1 << 20,
-            dest=dest,
-            pinned_bytes=1 << 20,
-            chunk_bytes=1 << 19,
-        )
-    )
+    # forces slab reuse, several regions, then pageable tensors past the budget
+    pool = HostPool(2 * PAGE, region_bytes=PAGE, threads=1)
+    copier = AsyncCopier(group_bytes=200_000, pool_bytes=1 << 20, dest=dest, pool=pool)
+    ready(copier, 2 * PAGE)
     outs = [copier.copy(x) for x in xs]
     copier.synchronize()
     sync = SyncCopier()
@@ -183,6 +269,18 @@ def test_pinned_pool_hands_back_the_smallest_fitting_slab_among_several():
     pool.release(small)
     huge = pool.acquire(150 * mb)  # fits neither: free slabs are dropped until the budget allows it
     assert huge.numel() == 160 * mb and pool.free == [] and pool.total == 160 * mb
+
+
+def test_staging_slabs_prepared_ahead_are_used_without_making_more():
+    pool = PinnedPool(budget=64 * MiB, pin=False)
+    pool.prepare(2, 20 * MiB)  # rounded to 32 MiB slabs, made in a background thread
+    slab = pool.acquire(10 * MiB)  # waits for a prepared one instead of making its own
+    assert slab.numel() == 32 * MiB and pool.total == 64 * MiB
+    pool.prepare(2, 20 * MiB)  # the budget holds no third slab: nothing more
+    pool.release(slab)
+    with pool.cond:
+        assert pool.cond.wait_for(lambda: len(pool.free) == 2, timeout=30)
+    assert pool.total == 64 * MiB
 
 
 def test_single_block_slices_are_copied_as_their_joint_buffer():

@@ -132,3 +132,71 @@ def test_random_weights_build_the_full_flux_architecture(name, guidance):
 def test_unknown_weights_kind_is_refused():
     with pytest.raises(InvalidArgumentError, match="pretrained, random"):
         load_pipeline("flux-tiny", device="cpu", weights="zeros")
+
+
+# A small architecture through the full-size builder (meta construction, then seeded filling).
+SMALL = {
+    "transformer": dict(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "vae": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+    "clip": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 projection_dim=16),
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2),
+}  # fmt: skip
+
+
+def small_random(seed: int = 0, **kw):
+    return build_random_pipeline(REGISTRY["flux-dev"], "cpu", seed=seed, sizes=SMALL, **kw)
+
+
+def test_random_weights_are_filled_per_parameter_from_the_seed():
+    from flux_ir.models import weights_fingerprint
+    from flux_ir.models.random_init import param_seed, random_values
+
+    a, b, c = small_random(0), small_random(0, init_device="cpu"), small_random(1)
+    assert weights_fingerprint(a) == weights_fingerprint(b) != weights_fingerprint(c)
+    for name, p in a.transformer.named_parameters():
+        assert p.device.type == "cpu" and not p.requires_grad, name
+        assert torch.equal(p, b.transformer.get_parameter(name)), name
+        if p.dim() >= 2:  # its own generator: the same values whatever was filled before it
+            expected = random_values(
+                name, p.shape, p.dtype, p.device, param_seed(0, "transformer", name)
+            )
+            assert torch.equal(p, expected), name
+            assert p.abs().max() <= p[0].numel() ** -0.5 and p.std() > 0, name
+        elif name.endswith("bias"):
+            assert not p.any(), name
+        else:
+            assert torch.all(p == 1), name
+    assert not torch.equal(a.vae.decoder.conv_out.weight, c.vae.decoder.conv_out.weight)
+    ids = [b for n, b in a.text_encoder.named_buffers() if n.endswith("position_ids")]
+    assert torch.equal(ids[0], torch.arange(77)[None])  # buffers are built, not filled
+
+
+def test_random_weights_keep_their_fingerprint_under_offload_and_generate():
+    from flux_ir.models import weights_fingerprint
+    from flux_ir.sampling import generate
+
+    from .conftest import small_sampling
+
+    pipe = small_random(3)
+    before = weights_fingerprint(pipe)
+    place_pipeline(pipe, "cpu", "group")  # offload's hooks, on the CPU
+    assert weights_fingerprint(pipe, refresh=True) == before
+    out = generate(pipe, small_sampling(num_steps=1), seed=0, output_type="latent")
+    assert out.images.shape == (1, 16, 64)
+
+
+def test_load_pipeline_caches_the_fingerprint(monkeypatch):
+    import flux_ir.models.fingerprint as fp
+
+    pipe, _ = load_pipeline("flux-tiny", device="cpu")
+    monkeypatch.setattr(fp, "modules_fingerprint", lambda m: pytest.fail("recomputed"))
+    assert len(fp.weights_fingerprint(pipe)) == 16  # computed by load_pipeline

@@ -1,37 +1,56 @@
-"""How block outputs reach host memory.
+"""How block outputs reach host memory: copiers, and the page-locked memory they share.
+
+    copier = AsyncCopier()                    # host tensors from the process's page-locked pool
+    host = copier.copy(torch.arange(6.0))     # returned at once, filled by the copy
+    copier.synchronize()                      # every copy issued so far has landed
+    host_pool().stats["regions"]              # regions of page-locked memory made so far
 
 A copier (`HostCopier`) has four methods: `copy(t)` returns a host tensor that is valid after
 `synchronize()` (or once a `fence()` taken later is set); `flush()` hands what was queued so far to
 the device's copy engine; `fence()` returns an event set once every copy issued so far has landed.
+`AsyncCopier` also has `reserve(nbytes)`: `run_capture` calls it with the capture's size before the
+prompt is encoded, so page-locking runs beside the text encoders and the first steps, not in them.
 
 `SyncCopier` copies at once, blocking. `AsyncCopier` keeps the hook cheap: `copy` records the source
 tensor and returns its host tensor at once; every `group_bytes` of sources (or at `flush()`) it
-issues the queued device→host copies on a side CUDA stream and records one event; background threads
-wait for the events. Where the host tensors live (`dest`):
+issues the queued device→host copies on a side CUDA stream and records one event; a few threads,
+shared by every copier of the process, wait for the events.
 
-- `"pinned"`: carved from page-locked chunks (prepared ahead by background threads), while their
-  live total stays within `pinned_bytes`: the device copies straight into the returned tensors,
-  nothing is copied on the host. Beyond the budget, as `"pageable"`.
-- `"pageable"`: a new ordinary (pageable) tensor per copy; the device copies into a reused
-  page-locked staging slab and a background thread copies each tensor out of it (first-touch page
-  faults happen in that thread).
+Host tensors are carved from regions of one process-wide pool of page-locked memory (`host_pool()`,
+`HostPool`): the device copies straight into them and nothing is copied on the host. The pool is
+made lazily and grows in background threads: anonymous memory (huge pages advised), touched once
+page by page, then registered with CUDA (`cudaHostRegister`; `torch.empty(pin_memory=True)` where
+registering fails). A region returns to the pool when the last tensor carved from it is dropped, and
+every later copier of the process (the command line's new copier per capture, a notebook's new
+`AsyncCopier()` per cell) takes it from there: it costs what a reused copier costs. The pool keeps
+what it made, up to its budget (a quarter of the host's memory, at most 32 GiB); `trim()` gives it
+back to the system.
 
-Every host tensor owns its own storage (`torch.save` writes it alone); a chunk returns to the pinned
-budget when the last tensor carved from it is dropped, so a streaming sink keeps host memory
-bounded. The sources stay referenced (the caching allocator cannot reuse their memory) until their
-copy has completed; no `record_stream` and no host synchronisation happen in the hook. At most
-`pool_bytes // group_bytes` groups are in flight (backpressure). On the CPU the same queueing and
-chunk bookkeeping run with plain copies, so a CPU test checks them against `SyncCopier`.
+When no region is ready (the pool is still growing, or its budget is spent) a copy is staged: the
+device copies into a reused page-locked slab and a shared thread copies it out into an ordinary
+(pageable) host tensor; first-touch page faults happen in that thread. `dest="pageable"` stages
+every copy (no page-locked capture memory at all). One default serves the command line and the
+notebook alike: `"pinned"` (the staging path stays as the fallback; `--copy pageable` selects it
+alone). Figures: `benchmarks/bench_capture_api.py` (first capture of a process and repeated ones,
+each through a new copier, whole pipeline calls).
+
+Every host tensor owns its own storage (`torch.save` writes it alone). The sources stay referenced
+(the caching allocator cannot reuse their memory) until their copy has completed; no
+`record_stream` and no host synchronisation happen in the hook. At most `pool_bytes // group_bytes`
+groups of a copier are in flight (backpressure). On the CPU the same queueing and region
+bookkeeping run with plain copies and unregistered memory, so a CPU test checks them against
+`SyncCopier`.
 """
 
 from __future__ import annotations
 
+import atexit
+import mmap
 import os
 import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -39,10 +58,17 @@ import torch
 
 from flux_ir.errors import InvalidArgumentError
 
-ALIGN = 256  # byte alignment of tensors inside slabs and chunks
-SLAB_ROUND = 32 << 20
+ALIGN = 256  # byte alignment of tensors inside slabs and regions
+MiB = 1 << 20
+PAGE = 2 * MiB  # regions are whole huge pages
+TOUCH = 4096  # first-touch stride (the smallest page size)
+SLAB_ROUND = 32 * MiB
 DESTS = ("pinned", "pageable")
-FIRST_CHUNK = 4 << 20
+REGION_BYTES = 256 * MiB  # regular region size (first regions of a burst are smaller)
+FIRST_REGION = 32 * MiB
+PREFETCH_BYTES = 1 << 30  # what a new pinned copier asks the pool for before it knows the capture
+DRAIN_THREADS = 4
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context
 
 
 class Event(Protocol):
@@ -84,9 +110,337 @@ class SyncCopier:
         pass
 
 
-class PinnedPool:
-    """Reused page-locked slabs, at most `budget` bytes in all (one slab may exceed it alone).
+# -- page-locked regions ---------------------------------------------------------------------------
+def round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
 
+
+def _cudart():
+    return torch.cuda.cudart()
+
+
+def _register(ptr: int, size: int) -> bool:
+    """Page-lock `size` bytes at `ptr` for the GPUs (True on success)."""
+    try:
+        err = _cudart().cudaHostRegister(ptr, size, HOST_REGISTER_PORTABLE)
+    except (RuntimeError, AssertionError, AttributeError):
+        return False
+    return int(err) == 0
+
+
+def _release_region(buffer, ptr: int, registered: bool) -> None:
+    """Finalizer of a Region: unregister (the memory is unmapped when `buffer` is dropped after)."""
+    if registered:
+        try:
+            _cudart().cudaHostUnregister(ptr)
+        except Exception:  # interpreter shutdown: the driver reclaims it
+            pass
+
+
+class Region:
+    """`size` bytes of host memory owned by a pool (page-locked when `pinned`).
+
+    `view()` returns a new uint8 array over the whole region each time; tensors carved from it keep
+    it alive, and a callback given to `view` runs once the last of them is dropped.
+    """
+
+    __slots__ = ("buffer", "size", "pinned", "registered", "__weakref__")
+
+    def __init__(self, buffer, size: int, pinned: bool, registered: bool, ptr: int = 0):
+        self.buffer, self.size, self.pinned, self.registered = buffer, size, pinned, registered
+        # not at exit: the system takes the memory back with the process
+        weakref.finalize(self, _release_region, buffer, ptr, registered).atexit = False
+
+    def view(self, on_release=None) -> np.ndarray:
+        if isinstance(self.buffer, torch.Tensor):
+            array = self.buffer.numpy()
+        else:
+            array = np.frombuffer(self.buffer, np.uint8)
+        # the callback holds the region: it outlives every tensor carved from this view
+        weakref.finalize(array, on_release or _keep, self).atexit = False
+        return array
+
+
+def _keep(region: Region) -> None:
+    pass
+
+
+def make_region(size: int, pin: bool) -> Region:
+    """A region of `size` bytes (a multiple of PAGE): anonymous memory with huge pages advised,
+    every page touched once here (the page faults happen in the calling thread), then registered
+    with CUDA when `pin`. Where registering fails, page-locked memory from torch instead."""
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    array = np.frombuffer(buffer, np.uint8)
+    array[::TOUCH] = 0  # first touch, page by page (numpy releases the GIL)
+    ptr = array.ctypes.data
+    del array
+    if not pin:
+        return Region(buffer, size, False, False)
+    if _register(ptr, size):
+        return Region(buffer, size, True, True, ptr)
+    buffer = None
+    return Region(torch.empty(size, dtype=torch.uint8, pin_memory=True), size, True, False)
+
+
+def default_pinned_bytes() -> int:
+    """A quarter of the host's physical memory, at most 32 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return min(32 << 30, total // 4)
+
+
+def default_grow_threads() -> int:
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+class HostPool:
+    """Host memory regions shared by the copiers of a process (`host_pool()`), grown ahead of use.
+
+    Args:
+        budget: bytes of regions at most (made, in use and free together; default a quarter of the
+            host's memory, at most 32 GiB).
+        region_bytes: size of the regions made in steady growth; a burst starts at 32 MiB and
+            doubles up to it, and a larger tensor asks for a region of its own size.
+        pin: page-lock the regions (default: when CUDA is available). Without it the same
+            bookkeeping runs on ordinary memory (CPU tests).
+        threads: background threads that make regions (default half the CPU cores, 2 to 8).
+        keep: bytes of returned regions kept for reuse (default: the budget when pinning, else 0:
+            unpinned regions go back to the system at once).
+
+    `reserve(nbytes)` asks for `nbytes` more free memory; the growers make regions until free and
+    in-making bytes cover what reservations still ask, within the budget. `take(nbytes)` hands out
+    the smallest free region that fits, without waiting (None when there is none: the caller stages
+    its copy instead), and the region comes back when the last tensor carved from it is dropped.
+    `stats`: regions and bytes made, seconds the growers spent making them, takes that found no
+    region (`misses`).
+    """
+
+    def __init__(
+        self,
+        budget: int | None = None,
+        region_bytes: int = REGION_BYTES,
+        pin: bool | None = None,
+        threads: int | None = None,
+        keep: int | None = None,
+    ):
+        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        self.budget = default_pinned_bytes() if budget is None else int(budget)
+        self.region_bytes = round_up(region_bytes, PAGE)
+        self.threads = threads or default_grow_threads()
+        self.keep = (self.budget if self.pin else 0) if keep is None else int(keep)
+        self.total = 0  # bytes of regions made, being made, in use or free
+        self.live = 0  # bytes of regions handed out and not yet returned
+        self.making = 0
+        self.demand = 0  # bytes reservations still ask for
+        self.largest = 0  # the largest tensor a reservation announced
+        self.stats = {"regions": 0, "made_bytes": 0, "make_s": 0.0, "misses": 0, "taken": 0}
+        self._free: list[Region] = []
+        self._sizes: list[int] = []  # regions asked for by tensors larger than the usual
+        self._burst = 0  # regions made since the pool last ran dry of demand
+        self._cond = threading.Condition()
+        self._growers: list[threading.Thread] = []
+        self._closed = False
+
+    # -- asking and taking -----------------------------------------------------------------------
+    @property
+    def free_bytes(self) -> int:
+        return sum(r.size for r in self._free)
+
+    def reserve(self, nbytes: int, largest: int = 0) -> None:
+        """Ask for `nbytes` more (negative: fewer); `largest`: the largest tensor to carve."""
+        with self._cond:
+            self.demand = max(0, self.demand + int(nbytes))
+            self.largest = max(self.largest, int(largest))
+            if self.demand == 0:
+                self.largest = 0
+                extra = self._surplus()
+            else:
+                extra = []
+                self._start_growers()
+            self._cond.notify_all()
+        del extra  # unpinned regions nobody asks for go back to the system (outside the lock)
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """A view of the smallest free region of at least `nbytes`, or None (no waiting: the caller
+        stages its copy). A miss with nothing being made asks the growers for one region."""
+        with self._cond:
+            fits = [r for r in self._free if r.size >= nbytes]
+            if not fits:
+                self.stats["misses"] += 1
+                if self.demand:  # regions being made for a reservation must fit this tensor
+                    self.largest = max(self.largest, nbytes)
+                if not self.making and not self._sizes and self._want() <= 0:
+                    first = min(FIRST_REGION, self.region_bytes)
+                    self._sizes.append(round_up(max(nbytes + ALIGN, first), PAGE))
+                    self._start_growers()
+                    self._cond.notify_all()
+                return None
+            region = min(fits, key=lambda r: r.size)
+            self._free.remove(region)
+            self.live += region.size
+            self.stats["taken"] += 1
+        return region.view(self._give_back)
+
+    def wait_free(self, nbytes: int, timeout: float | None = None) -> bool:
+        """Wait until a free region of at least `nbytes` exists (benchmarks, tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: any(r.size >= nbytes for r in self._free), timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is being made and what is asked is there (or the budget is spent)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or (not self.making and self._next_size() == 0), timeout
+            )
+
+    def _give_back(self, region: Region) -> None:
+        with self._cond:
+            self.live -= region.size
+            if self._closed or self.free_bytes + region.size > self.keep:
+                self.total -= region.size  # dropped: unregistered and unmapped with the region
+            else:
+                self._free.append(region)
+            self._cond.notify_all()
+
+    def _surplus(self) -> list[Region]:
+        """Free regions beyond `keep`, removed from the pool (under the lock)."""
+        out = []
+        while self._free and self.free_bytes > self.keep:
+            region = self._free.pop()
+            self.total -= region.size
+            out.append(region)
+        return out
+
+    def trim(self) -> int:
+        """Give every free region back to the system; returns the bytes freed."""
+        with self._cond:
+            freed, self._free = self._free, []
+            n = sum(r.size for r in freed)
+            self.total -= n
+        del freed
+        return n
+
+    def close(self) -> None:
+        """Stop growing, wait for the regions being made, and free the free ones (regions in use
+        are freed when their tensors are dropped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._growers:
+            thread.join()
+        self._growers = []
+        self.trim()
+
+    # -- growth ----------------------------------------------------------------------------------
+    def _want(self) -> int:
+        return self.demand - self.free_bytes - self.making
+
+    def _next_size(self) -> int:
+        """Bytes of the next region to make (0: none), under the lock; requests that cannot fit the
+        budget are dropped (those copies are staged)."""
+        if self._closed:
+            return 0
+        room = self.budget - self.total
+        while self._sizes:
+            if self._sizes[0] <= room:
+                return self._sizes[0]
+            self._sizes.pop(0)
+        want = self._want()
+        if want <= 0:
+            return 0
+        size = min(self.region_bytes, FIRST_REGION << min(self._burst, 8), round_up(want, PAGE))
+        size = round_up(max(size, self.largest + ALIGN), PAGE)
+        if size > room:
+            size = room // PAGE * PAGE
+            if size < self.largest + ALIGN or size <= 0:
+                return 0
+        return size
+
+    def _start_growers(self) -> None:
+        while len(self._growers) < self.threads and not self._closed:
+            thread = threading.Thread(target=self._grow, name="flux-ir-host-pool", daemon=True)
+            thread.start()
+            self._growers.append(thread)
+
+    def _grow(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and self._next_size() == 0:
+                    if not self.making:
+                        self._burst = 0  # the next burst starts small again
+                    self._cond.wait()
+                if self._closed:
+                    return
+                size = self._next_size()
+                if self._sizes and self._sizes[0] == size:
+                    self._sizes.pop(0)
+                else:
+                    self._burst += 1
+                self.making += size
+                self.total += size
+            t0 = time.perf_counter()
+            try:
+                region = make_region(size, self.pin)
+            except Exception:  # out of memory: stop asking; those copies are staged
+                with self._cond:
+                    self.making -= size
+                    self.total -= size
+                    self.demand, self._sizes = 0, []
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self.making -= size
+                self.stats["regions"] += 1
+                self.stats["made_bytes"] += size
+                self.stats["make_s"] += time.perf_counter() - t0
+                self._free.append(region)
+                self._cond.notify_all()
+
+
+_POOL: HostPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def host_pool() -> HostPool:
+    """The process's page-locked pool, made at the first call (nothing is allocated until asked)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = HostPool()
+        return _POOL
+
+
+def reset_host_pool() -> None:
+    """Close the process's pool and start a new, empty one at the next `host_pool()` (benchmarks
+    measure a first capture this way; regions still in use stay valid until dropped)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.close()
+
+
+@atexit.register
+def _close_pool() -> None:
+    pool = _POOL
+    if pool is not None:
+        with pool._cond:
+            pool._closed = True
+            pool._cond.notify_all()
+
+
+# -- staging slabs ---------------------------------------------------------------------------------
+class PinnedPool:
+    """Reused page-locked staging slabs, at most `budget` bytes in all (one slab may exceed it alone).
+
+    `prepare(count, size)` makes slabs in a background thread, ahead of the first staged copy.
     `pin=False` allocates ordinary memory (the same bookkeeping, testable without CUDA).
     """
 
@@ -94,8 +448,13 @@ class PinnedPool:
         self.budget = budget
         self.pin = pin
         self.total = 0
+        self.making = 0  # bytes of prepared slabs on their way
+        self.making_size = 0  # their size
         self.free: list[torch.Tensor] = []
         self.cond = threading.Condition()
+
+    def _make(self, size: int) -> torch.Tensor:
+        return torch.from_numpy(make_region(size, self.pin).view())
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 pinned slab of at least `nbytes`; blocks while the pool is exhausted."""
@@ -105,105 +464,67 @@ class PinnedPool:
                 fits = [i for i, s in enumerate(self.free) if s.numel() >= nbytes]
                 if fits:
                     return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-                size = -(-nbytes // SLAB_ROUND) * SLAB_ROUND
+                size = round_up(nbytes, SLAB_ROUND)
+                if self.making and size <= self.making_size:
+                    self.cond.wait()  # a prepared slab that fits is on its way
+                    continue
                 if self.total + size <= self.budget or self.total == 0:
                     self.total += size
-                    return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+                    break
                 if self.free:  # free slabs too small: drop the smallest and try again
                     i = min(range(len(self.free)), key=lambda i: self.free[i].numel())
                     self.total -= self.free.pop(i).numel()
                     continue
                 self.cond.wait()
+        return self._make(size)  # outside the lock: releases go on meanwhile
 
     def release(self, slab: torch.Tensor) -> None:
         with self.cond:
             self.free.append(slab)
             self.cond.notify_all()
 
+    def prepare(self, count: int, size: int) -> None:
+        """Make up to `count` slabs of `size` bytes in a background thread (within the budget),
+        unless the pool holds that many already."""
+        size = round_up(size, SLAB_ROUND)
+        with self.cond:
+            have = sum(1 for s in self.free if s.numel() >= size) + self.making // size
+            count = min(count - have, (self.budget - self.total) // size)
+            if count <= 0:
+                return
+            self.total += count * size
+            self.making += count * size
+            self.making_size = max(self.making_size, size)
 
-# -- page-locked chunks ---------------------------------------------------------------------------
-class Chunk:
-    """`size` bytes of page-locked host memory (`array`, uint8) carved front to back."""
+        def make() -> None:
+            for _ in range(count):
+                try:
+                    slab = self._make(size)
+                except Exception:
+                    slab = None
+                with self.cond:
+                    self.making -= size
+                    if slab is None:
+                        self.total -= size
+                    else:
+                        self.free.append(slab)
+                    self.cond.notify_all()
 
-    __slots__ = ("array", "size", "used")
-
-    def __init__(self, array: np.ndarray):
-        self.array, self.size, self.used = array, array.shape[0], 0
+        threading.Thread(target=make, name="flux-ir-staging", daemon=True).start()
 
 
-def pinned_array(nbytes: int, pin: bool) -> np.ndarray:
-    """Page-locked memory (torch's caching host allocator) seen as a numpy array (which keeps it)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).numpy()
+STAGING_BYTES = 1 << 30
+STAGING_SLABS = 4  # slabs made ahead when a pinned copier reserves (of twice its group size)
+_STAGING: PinnedPool | None = None
 
 
-class ChunkSource:
-    """Page-locked chunks, prepared `ahead` at a time by `threads` background threads; sizes double
-    from 4 MiB up to `chunk_bytes`. `pin=False` gives ordinary memory (testable without CUDA).
-
-    The live total (a chunk counts until the last tensor carved from it is dropped) may not exceed
-    `pinned_bytes`: callers ask `pinned_room` before `take`. `stats`: chunks made, seconds spent making
-    them (in the background threads) and seconds `take` waited for them (in the caller's thread).
-    """
-
-    def __init__(
-        self, chunk_bytes: int, pinned_bytes: int, pin: bool, threads: int = 2, ahead: int = 2
-    ):
-        self.chunk_bytes, self.pinned_bytes, self.pin, self.ahead = (
-            chunk_bytes,
-            pinned_bytes,
-            pin,
-            ahead,
-        )
-        self.live_pinned = 0
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flux-ir-chunks")
-        self._ready: list[tuple[int, Future]] = []
-        self._size = min(FIRST_CHUNK, chunk_bytes)
-        self.stats = {"chunks": 0, "make_s": 0.0, "wait_s": 0.0}
-
-    def take(self, nbytes: int) -> Chunk:
-        """A chunk of at least `nbytes` (a dedicated one when larger than the next prepared one)."""
-        need = -(-nbytes // ALIGN) * ALIGN
-        ready = self._ready
-        while len(ready) < self.ahead:
-            ready.append(self._submit())
-        t0 = time.perf_counter()
-        if need > ready[0][0]:
-            array = self._make(need)
-        else:
-            _, future = ready.pop(0)
-            ready.append(self._submit())
-            array = future.result()
-        self.stats["wait_s"] += time.perf_counter() - t0
-        with self._lock:
-            self.live_pinned += array.shape[0]
-        weakref.finalize(array, self._release, array.shape[0])
-        return Chunk(array)
-
-    def pinned_room(self, nbytes: int) -> bool:
-        """Whether a chunk for `nbytes` stays within the pinned budget."""
-        need = -(-nbytes // ALIGN) * ALIGN
-        return self.live_pinned + max(need, self._size) <= self.pinned_bytes
-
-    def _submit(self) -> tuple[int, Future]:
-        size, self._size = self._size, min(self.chunk_bytes, 2 * self._size)
-        return size, self._pool.submit(self._make, size)
-
-    def _make(self, size: int) -> np.ndarray:
-        t0 = time.perf_counter()
-        array = pinned_array(size, self.pin)
-        with self._lock:
-            self.stats["chunks"] += 1
-            self.stats["make_s"] += time.perf_counter() - t0
-        return array
-
-    def _release(self, nbytes: int) -> None:
-        with self._lock:
-            self.live_pinned -= nbytes
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._ready = []
+def staging_pool() -> PinnedPool:
+    """The process's staging slabs (shared by every copier)."""
+    global _STAGING
+    with _POOL_LOCK:
+        if _STAGING is None:
+            _STAGING = PinnedPool(STAGING_BYTES, pin=torch.cuda.is_available())
+        return _STAGING
 
 
 # -- completion tracking ---------------------------------------------------------------------------
@@ -223,12 +544,15 @@ class Fence:
 
 
 class _Jobs:
-    """Numbers of issued jobs not yet completed (completion may be out of order)."""
+    """A copier's issued jobs not yet completed (completion may be out of order), its in-flight
+    bound and the first error of its jobs."""
 
-    def __init__(self):
+    def __init__(self, inflight: int):
         self.cond = threading.Condition()
         self.issued = 0
         self.open: set[int] = set()
+        self.inflight = threading.Semaphore(inflight)
+        self.error: BaseException | None = None
 
     def start(self) -> int:
         with self.cond:
@@ -246,31 +570,86 @@ class _Jobs:
         return not any(n < upto for n in self.open)
 
 
+def complete(job: tuple) -> None:
+    """Wait for a job's copies, drain its staged tensors out of the slab, and mark it done."""
+    jobs, n, event, slab, runs, held = job
+    job = None
+    try:
+        event.synchronize()
+        del held  # the copies are done: the device memory may be reused
+        if runs:
+            drain_runs(runs, slab)
+    except BaseException as err:  # surfaced by synchronize()
+        jobs.error = jobs.error or err
+    finally:
+        if slab is not None:
+            staging_pool().release(slab)
+        slab = runs = None
+        jobs.inflight.release()
+        jobs.finish(n)
+
+
+class _Drainer:
+    """Threads shared by every copier of the process that complete jobs (`complete`)."""
+
+    def __init__(self, threads: int = DRAIN_THREADS):
+        self.queue: queue.Queue = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self._run, name="flux-ir-copier", daemon=True)
+            for _ in range(threads)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            complete(self.queue.get())
+
+
+_DRAINER: _Drainer | None = None
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def drainer() -> _Drainer:
+    global _DRAINER
+    with _POOL_LOCK:
+        if _DRAINER is None:
+            _DRAINER = _Drainer()
+        return _DRAINER
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream device→host copies of `device` run on (one per device, shared)."""
+    stream = _STREAMS.get(device)
+    if stream is None:
+        with _POOL_LOCK:
+            stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    return stream
+
+
 class AsyncCopier:
-    """Batched device→host copies on a side stream, completed by background threads (module docstring).
+    """Batched device→host copies on a side stream into the process's page-locked pool (module
+    docstring).
 
     Args:
         dtype: storage dtype (cast on the device before the copy); None keeps the tensor's dtype.
         group_bytes: queued source bytes that trigger a flush (bounds the extra device memory held).
-        pool_bytes: page-locked slab budget for groups in flight; also bounds the groups in flight.
-        dest: where host tensors live: "pinned" (default) or "pageable" (module docstring).
-        pinned_bytes: live page-locked capture memory allowed with `dest="pinned"` (default: a
-            quarter of the host's memory, at most 32 GiB); copies beyond it go to pageable tensors.
-        chunk_bytes: size of the host chunks tensors are carved from.
-        drain_threads: threads that wait for copies (and copy `"pageable"` tensors out of the slabs).
-        chunk_threads: threads that page-lock chunks ahead of use.
+        pool_bytes: bounds the groups in flight (`pool_bytes // group_bytes`, at least 2).
+        dest: "pinned" (default: carved from `pool`, staged while no region is ready) or
+            "pageable" (every copy staged into an ordinary tensor).
+        pool: the page-locked pool (default: the process's, `host_pool()`).
+        prefetch_bytes: what a pinned copier asks its pool for at once, before a capture says how
+            much it needs (`reserve`); default 1 GiB where the pool page-locks, else nothing.
     """
 
     def __init__(
         self,
         dtype: torch.dtype | None = None,
-        group_bytes: int = 64 << 20,
+        group_bytes: int = 64 * MiB,
         pool_bytes: int = 1 << 30,
         dest: str = "pinned",
-        pinned_bytes: int | None = None,
-        chunk_bytes: int = 256 << 20,
-        drain_threads: int = 4,
-        chunk_threads: int = 2,
+        pool: HostPool | None = None,
+        prefetch_bytes: int | None = None,
     ):
         if dest not in DESTS:
             raise InvalidArgumentError(
@@ -279,25 +658,30 @@ class AsyncCopier:
         self.dtype = dtype
         self.group_bytes = group_bytes
         self.dest = dest
-        self.pool = PinnedPool(pool_bytes, pin=torch.cuda.is_available())
-        budget = (
-            (default_pinned_bytes() if pinned_bytes is None else pinned_bytes)
-            if dest == "pinned"
-            else 0
-        )
-        self.chunks = ChunkSource(
-            chunk_bytes, budget, torch.cuda.is_available(), chunk_threads, ahead=2
-        )
-        self._chunk: Chunk | None = None
+        self.pool = pool or host_pool()
+        self._open: list[list] = []  # [region view, bytes used] carved from, at most two
         self._pending: list[tuple] = []
         self._pending_bytes = 0
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._queue: queue.Queue = queue.Queue()
-        self._inflight = threading.Semaphore(max(2, pool_bytes // group_bytes))
-        self._jobs = _Jobs()
-        self._error: BaseException | None = None
-        self._n_threads = max(1, drain_threads)
-        self._threads: list[threading.Thread] = []
+        self._jobs = _Jobs(max(2, pool_bytes // group_bytes))
+        self._reserved = [0]  # what this copier still asks of the pool (a list: the finalizer's)
+        self.stats = {"carved_bytes": 0, "staged_bytes": 0}  # host bytes by path
+        weakref.finalize(self, _cancel, self.pool, self._reserved).atexit = False
+        if prefetch_bytes is None:
+            prefetch_bytes = PREFETCH_BYTES if self.pool.pin else 0
+        if dest == "pinned" and prefetch_bytes:
+            self.reserve(prefetch_bytes)
+
+    def reserve(self, nbytes: int, largest: int = 0) -> None:
+        """Make the pool hold `nbytes` ready for this copier, page-locked in the background from
+        now on (`largest`: the largest tensor to come). Counts what was asked before; the ask ends
+        at `synchronize()`."""
+        if self.dest != "pinned":
+            return
+        more = max(0, int(nbytes) - self._reserved[0])
+        self._reserved[0] += more
+        self.pool.reserve(more, largest)
+        if self.pool.pin:  # copies that find no region yet are staged: slabs ready for them
+            staging_pool().prepare(STAGING_SLABS, 2 * self.group_bytes)
 
     # -- hot path --------------------------------------------------------------------------------
     def copy(self, t: torch.Tensor) -> torch.Tensor:
@@ -306,25 +690,39 @@ class AsyncCopier:
         if self.dest == "pinned" and t.nbytes:
             dest = self._carve(t)
             if dest is not None:
+                self.stats["carved_bytes"] += dest.nbytes
                 self._queue_copy(t, dest, True)
                 return dest
         dest = torch.empty(t.shape, dtype=self.dtype or t.dtype)
+        self.stats["staged_bytes"] += dest.nbytes
         self._queue_copy(t, dest, False)
         return dest
 
     def _carve(self, t: torch.Tensor) -> torch.Tensor | None:
-        """A host tensor for `t` (in the storage dtype) carved from the current chunk, or None when
-        the pinned budget is spent."""
+        """A host tensor for `t` (in the storage dtype) carved from an open region, or None when
+        the pool has no region ready."""
         dtype = self.dtype or t.dtype
         nbytes = t.numel() * dtype.itemsize
-        chunk = self._chunk
-        if chunk is None or chunk.used + nbytes > chunk.size:
-            if not self.chunks.pinned_room(nbytes):
+        for slot in self._open:
+            view, used = slot
+            if used + nbytes <= view.shape[0]:
+                break
+        else:
+            view = self.pool.take(nbytes)
+            if view is None:
                 return None
-            chunk = self._chunk = self.chunks.take(nbytes)
-        off = chunk.used
-        chunk.used = off + nbytes + (-nbytes % ALIGN)
-        return torch.from_numpy(chunk.array[off : off + nbytes]).view(dtype).view(t.shape)
+            got = min(self._reserved[0], view.shape[0])
+            if got:
+                self._reserved[0] -= got
+                self.pool.reserve(-got)
+            if len(self._open) == 2:  # keep the region with more room for small tensors
+                self._open.sort(key=lambda s: s[0].shape[0] - s[1])
+                self._open.pop(0)
+            slot = [view, 0]
+            self._open.append(slot)
+            used = 0
+        slot[1] = used + nbytes + (-nbytes % ALIGN)
+        return torch.from_numpy(view[used : used + nbytes]).view(dtype).view(t.shape)
 
     def _queue_copy(self, t: torch.Tensor, dest: torch.Tensor, direct: bool) -> None:
         """Queue `t` (cast on its device to the storage dtype, made contiguous) for `dest`."""
@@ -348,12 +746,12 @@ class AsyncCopier:
                     dest.copy_(src)
             return
         self._check_error()
-        self._inflight.acquire()  # backpressure: bounded groups (and sources) in flight
+        self._jobs.inflight.acquire()  # backpressure: bounded groups (and sources) in flight
         staged = [(src, dest) for src, dest, direct in pending if not direct]
         offsets, total = slab_layout([src.nbytes for src, _ in staged])
-        slab = self.pool.acquire(total) if staged else None
+        slab = staging_pool().acquire(total) if staged else None
         device = pending[0][0].device
-        stream = self._stream(device)
+        stream = copy_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         # host tensors carved in hooks are inference tensors; a flush may come after the
         # generation's inference_mode has ended (BlockTrace's exit)
@@ -369,8 +767,13 @@ class AsyncCopier:
             event.record(stream)
         # the drain needs only where each staged tensor goes; the sources are dropped once copied
         runs = [(dest, at) for (_, dest), at in zip(staged, offsets, strict=True)]
-        self._start_threads()
-        self._queue.put((self._jobs.start(), event, slab, runs, [p[0] for p in pending]))
+        # the job holds the sources (their memory is not reused) and the carved host tensors (their
+        # region is not given back) until the copies have landed
+        held = [(src, dest) for src, dest, direct in pending if direct] + [p[0] for p in staged]
+        self._submit((self._jobs, self._jobs.start(), event, slab, runs, held))
+
+    def _submit(self, job: tuple) -> None:
+        drainer().queue.put(job)
 
     # -- completion ------------------------------------------------------------------------------
     def fence(self) -> Fence:
@@ -379,52 +782,27 @@ class AsyncCopier:
         return Fence(self._jobs, self._jobs.issued)
 
     def synchronize(self) -> None:
-        """Issue and wait for every queued copy; re-raises an error of the background threads."""
+        """Issue and wait for every queued copy; re-raises an error of the background threads.
+        Ends this copier's reservation and lets go of its open regions (what is left in them is
+        not used)."""
         self.fence().wait()
+        self._open = []
+        _cancel(self.pool, self._reserved)
         self._check_error()
 
     def close(self) -> None:
         self.synchronize()
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
-        self.chunks.close()
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
-
-    def _start_threads(self) -> None:
-        while len(self._threads) < self._n_threads:
-            thread = threading.Thread(target=self._drain, name="flux-ir-copier", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _drain(self) -> None:
-        while (job := self._queue.get()) is not None:
-            n, event, slab, runs, sources = job
-            job = None
-            try:
-                event.synchronize()
-                del sources  # the copies are done: the device memory may be reused
-                if runs:
-                    drain_runs(runs, slab)
-            except BaseException as err:  # surfaced by synchronize()
-                self._error = err
-            finally:
-                if slab is not None:
-                    self.pool.release(slab)
-                slab = runs = None
-                self._inflight.release()
-                self._jobs.finish(n)
 
     def _check_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
+        if self._jobs.error is not None:
+            err, self._jobs.error = self._jobs.error, None
             raise RuntimeError(f"asynchronous capture copy failed: {err}") from err
+
+
+def _cancel(pool: HostPool, reserved: list[int]) -> None:
+    if reserved[0]:
+        pool.reserve(-reserved[0])
+        reserved[0] = 0
 
 
 def slab_layout(sizes: list[int]) -> tuple[list[int], int]:
@@ -445,24 +823,14 @@ def drain_runs(runs: list[tuple[torch.Tensor, int]], slab: torch.Tensor) -> None
             target.copy_(slab[at : at + target.numel()])
 
 
-def default_pinned_bytes() -> int:
-    """A quarter of the host's physical memory, at most 32 GiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 << 30
-    return min(32 << 30, total // 4)
-
-
 COPIERS = ("pageable", "pinned", "sync")
 
 
 def make_copier(kind: str, dtype: torch.dtype | None = None) -> HostCopier:
-    """A copier by name (the command line's `--copy`): `"pageable"` (side-stream copies staged through
-    a reused page-locked slab into ordinary host tensors: the cheapest for one capture per process,
-    as page-locking new memory costs more than the staging), `"pinned"` (`AsyncCopier`'s default:
-    straight into page-locked chunks, the cheapest once a process has captured before) or `"sync"`
-    (a blocking `.cpu()` per tensor)."""
+    """A copier by name (the command line's `--copy`): `"pinned"` (`AsyncCopier()`, the default:
+    straight into the process's page-locked pool, staged only while no region is ready),
+    `"pageable"` (`AsyncCopier(dest="pageable")`: every copy staged into ordinary host memory, none
+    page-locked for the capture) or `"sync"` (a blocking `.cpu()` per tensor)."""
     if kind == "sync":
         return SyncCopier(dtype)
     if kind in DESTS:

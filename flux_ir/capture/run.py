@@ -59,6 +59,10 @@ def run_capture(
         sampling.num_steps,
     )
     sel.check_grid(*sampling.token_grid)
+    reserve = getattr(copier, "reserve", None)
+    if reserve is not None:  # page-locking starts now, beside the text encoders and first steps
+        total, per_step, largest = capture_nbytes(transformer, sel, sampling, opts.num_images)
+        reserve(total if sink is None else min(total, STREAM_STEPS * per_step), largest)
     final: dict[str, torch.Tensor] = {}
 
     def keep_latents(p, i, t, kwargs):
@@ -116,6 +120,33 @@ def run_capture(
     }
     capture = build_capture(trace.records, sigmas, guidance, final["latents"], metadata)
     return out.images, capture
+
+
+STREAM_STEPS = 4  # steps of host memory a streaming sink holds at most (writer queue and slack)
+
+
+def capture_nbytes(transformer, sel: Selection, sampling, num_images: int) -> tuple[int, int, int]:
+    """Host bytes a capture will take: (whole run, one captured step, the largest tensor), with a
+    margin for the ends of page-locked regions that tensors do not fill. `sel` is resolved."""
+    b, passes = num_images, sampling.passes_per_step
+    d = transformer.inner_dim
+    item = (sel.torch_dtype or transformer.dtype).itemsize
+    n_tokens = sampling.token_grid[0] * sampling.token_grid[1]
+    n_img, n_txt = n_tokens, sampling.max_sequence_length
+    if sel.reduce == "mean":
+        n_img = n_txt = 1
+    elif sel.pool:
+        n_img //= sel.pool**2
+    img = n_img * d * b * item if sel.streams != "txt" else 0
+    txt = n_txt * d * b * item if sel.streams != "img" else 0
+    blocks = (len(sel.double_blocks) + len(sel.single_blocks)) * (img + txt)
+    model_item = transformer.dtype.itemsize
+    context = b * model_item * (n_tokens * 64 + transformer.config.pooled_projection_dim + d)
+    steps = sampling.num_steps if sel.steps is None else len(sel.steps)
+    per_step = passes * blocks
+    total = steps * per_step + passes * sampling.num_steps * context
+    largest = img + txt if sel.single_blocks and sel.full else max(img, txt)
+    return int(total * 1.15) + 2 * largest, int(per_step * 1.15), largest
 
 
 def timestamp() -> str:

@@ -40,7 +40,7 @@ def capture(
     store_dtype: str | None = None,
     reduce: str | None = None,
     format: str = "pt",
-    copy: str = "pageable",
+    copy: str = "pinned",
     compile: bool = False,
     multi_gpu: bool = False,
 ) -> None:
@@ -82,9 +82,10 @@ def capture(
             (default: none, whole tensors).
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
-        copy: "pageable" (side-stream copies staged into ordinary host memory; use it with
-            --format shards), "pinned" (copies straight into page-locked host memory, which the
-            process keeps: faster once it has captured before) or "sync" (blocking `.cpu()`).
+        copy: "pinned" (side-stream copies straight into page-locked host memory, made beside
+            the model loading and the first steps and reused by every capture of the process),
+            "pageable" (every copy staged into ordinary host memory, none page-locked) or "sync"
+            (blocking `.cpu()`).
         compile: torch.compile every block's forward (hooks stay outside the graphs); the first
             step pays the compilation.
         multi_gpu: spread the pipeline's components (transformer, text encoders, VAE) over every

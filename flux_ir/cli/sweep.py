@@ -35,6 +35,7 @@ def sweep(
     device: str | None = None,
     weights: str = "pretrained",
     progress: bool = True,
+    compile: bool | str = False,
 ) -> None:
     """Generate a latent-grid sweep (or a 1-D latent path) of images into --output_dir.
 
@@ -89,6 +90,9 @@ def sweep(
         weights: "pretrained" or "random" (the exact architecture with random weights, no
             download).
         progress: show a progress bar (points/s and ETA).
+        compile: torch.compile the transformer blocks and the VAE decoder (bare --compile:
+            "default"; or a mode: "max-autotune-no-cudagraphs", "reduce-overhead"); the first
+            batch pays the compilation, images differ from eager ones by float rounding.
     """
     from flux_ir.io.dirs import check_output_dir
     from flux_ir.models import LoadOptions, load_pipeline
@@ -119,7 +123,9 @@ def sweep(
     )
     if phase_images and not phases:
         raise InvalidArgumentError("{param} needs --phases", "phase_images")
-    run = SweepRunOptions(cfg, batch_size, phase_pool if phases else None, phase_images or None)
+    run = SweepRunOptions(
+        cfg, batch_size, phase_pool if phases else None, phase_images or None, compile or None
+    )
     SweepStore(output_dir).check(cfg)  # a different sweep is refused before the model loads
     check_output_dir(output_dir)
 
@@ -142,6 +148,7 @@ def sweep(
             phase_images=run.phase_images,
             dist=dist,
             progress=progress,
+            compile=run.compile,
             extra_metadata={
                 "model_source": spec.source,
                 "offload": load.offload,

@@ -18,6 +18,7 @@ import torch
 from diffusers import FluxPipeline
 
 from flux_ir.errors import InvalidArgumentError, ModelUnavailableError
+from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import ModelSpec, resolve_model, write_sidecar
 from flux_ir.models.tiny import build_tiny_pipeline
@@ -201,8 +202,9 @@ def load_pipeline(
     `model` is a registry name, a local pipeline directory, a `ModelSpec`, or `LoadOptions` (then
     the other arguments are not used). `weights="random"` builds the exact architecture with random
     weights (no download). `multi_gpu=True` spreads the components over the visible GPUs
-    (`device_map="balanced"`; `pipe.hf_device_map` says where each went). Raises
-    ModelUnavailableError with the ways out when weights cannot be had.
+    (`device_map="balanced"`; `pipe.hf_device_map` says where each went). The weights'
+    fingerprint is computed here and cached on the pipeline. Raises ModelUnavailableError with the
+    ways out when weights cannot be had.
     """
     if isinstance(model, LoadOptions):
         opts = model
@@ -210,8 +212,11 @@ def load_pipeline(
         opts = LoadOptions.create(model, device, offload, weights, dtype, multi_gpu=multi_gpu)
     spec, device, mode, dtype = opts.spec, opts.device, opts.offload, opts.torch_dtype
     if opts.weights == "random":
-        # build where it will run; offloaded pipelines are built on the CPU
-        pipe = build_random_pipeline(spec, device if mode == "none" else "cpu", dtype)
+        # filled on the device it runs on (seconds on a GPU); offloaded pipelines then rest on the
+        # CPU, one parameter at a time
+        pipe = build_random_pipeline(
+            spec, device if mode == "none" else "cpu", dtype, init_device=device
+        )
     elif spec.source == "builtin":
         pipe = build_tiny_pipeline()
         if dtype != torch.float32:
@@ -225,6 +230,7 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     if not opts.multi_gpu:  # a device-mapped pipeline is placed already (and refuses `.to`)
         place_pipeline(pipe, device, mode)
+    weights_fingerprint(pipe)  # cached on the pipeline: a first capture or sweep does not pay it
     return pipe, spec
 
 

@@ -2,22 +2,36 @@
 
     pipe = build_random_pipeline(REGISTRY["flux-dev"], device="meta")   # the shapes alone, at once
     # build_random_pipeline(REGISTRY["flux-dev"], device="cuda", dtype=torch.bfloat16) to run it
+    # build_random_pipeline(spec, device="cpu", dtype=torch.bfloat16, init_device="cuda")  # offload
 
-Weights are created directly on `device` in `dtype` (12 B transformer parameters take ~0.5 s on an H100),
-which is what memory and speed benchmarks need: random weights cost exactly what real ones cost. Their
-pixels mean nothing, and in bfloat16 they may overflow to inf/NaN. Tokenizers are flux-tiny's in-code
-ones (ids stay inside the real vocabularies).
+The components are first made on the meta device (the shapes alone, no memory, no random numbers),
+then every parameter is made and filled on `init_device` (default `device`) in `dtype`, one at a
+time, and moved to `device`: on a GPU that is a few seconds of copying for the 16.9 B parameters of
+FLUX.1 with its text encoders, where filling them on the CPU took minutes, and the GPU never holds
+more than one parameter beyond what stays there (an offloaded pipeline is built this way on a
+24 GB card). Each parameter is drawn from its own generator, seeded from `seed`, the component and
+the parameter's name: matrices and convolution kernels uniform in ±1/sqrt(fan_in) (torch's default
+for linear layers), biases zero, norm weights one. The same seed gives the same weights in every
+process and offload mode on one kind of device (`weights_fingerprint` shows it); CPU and CUDA
+generators draw different numbers. Random weights cost exactly what real ones cost in memory and
+time; their pixels mean nothing, and in bfloat16 they may overflow to inf/NaN. Tokenizers are
+flux-tiny's in-code ones (ids stay inside the real vocabularies).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from flux_ir.models.registry import ModelSpec
@@ -98,41 +112,114 @@ def build_random_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    init_device: str | torch.device | None = None,
+    sizes: dict[str, dict] | None = None,
 ) -> FluxPipeline:
-    """`spec`'s architecture with random weights, built on `device` in `dtype` (use "meta" to inspect).
+    """`spec`'s architecture with random weights on `device` in `dtype` ("meta": the shapes alone),
+    filled on `init_device` (default `device`; "cuda" for a pipeline that is then offloaded from
+    the CPU). `sizes` overrides config entries per component ("transformer", "vae", "clip", "t5";
+    small architectures for tests).
 
-    flux-tiny is returned as built in code (its weights are random already).
+    flux-tiny is returned as built in code (its weights are random already), flux-toy's
+    architecture with its own initialisation.
     """
     if spec.source == "builtin":
         return build_tiny_pipeline(seed).to(device=device, dtype=dtype)
     if spec.source == "package":  # flux-toy's architecture, untrained
         arch = ARCH_2 if spec.name == "flux-toy-2" else None
         return build_toy_pipeline(arch, seed=seed).to(device=device, dtype=dtype)
+    sizes = sizes or {}
     guidance = spec.guidance is not None
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     old_dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            transformer = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=guidance)
-            vae = AutoencoderKL(**VAE)
-            clip = CLIPTextModel(
-                CLIPTextConfig(
-                    **CLIP_L,
-                    bos_token_id=clip_tok.bos_token_id,
-                    eos_token_id=clip_tok.eos_token_id,
-                    pad_token_id=clip_tok.pad_token_id,
-                )
-            )
-            t5 = T5EncoderModel(
-                T5Config(
-                    **T5_XXL, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id
-                )
-            )
-        finally:
-            torch.set_default_dtype(old_dtype)
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():  # parameters on the meta device, buffers real
+            components = {
+                "transformer": FluxTransformer2DModel(
+                    **{**TRANSFORMER, **sizes.get("transformer", {})}, guidance_embeds=guidance
+                ),
+                "vae": AutoencoderKL(**{**VAE, **sizes.get("vae", {})}),
+                "text_encoder": CLIPTextModel(
+                    CLIPTextConfig(
+                        **{**CLIP_L, **sizes.get("clip", {})},
+                        bos_token_id=clip_tok.bos_token_id,
+                        eos_token_id=clip_tok.eos_token_id,
+                        pad_token_id=clip_tok.pad_token_id,
+                    )
+                ),
+                "text_encoder_2": T5EncoderModel(
+                    T5Config(
+                        **{**T5_XXL, **sizes.get("t5", {})},
+                        pad_token_id=t5_tok.pad_token_id,
+                        eos_token_id=t5_tok.eos_token_id,
+                    )
+                ),
+            }
+    finally:
+        torch.set_default_dtype(old_dtype)
+    if torch.device(device).type != "meta":
+        for name, module in components.items():
+            fill_random(module, name, seed, device, init_device)
+        if torch.device(init_device or device).type == "cuda":
+            torch.cuda.empty_cache()  # what filling cached goes back to the device
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHEDULER_DEV if guidance else SCHEDULER_SCHNELL)
     )
-    return assemble_pipeline(scheduler, vae, clip, clip_tok, t5, t5_tok, transformer)
+    c = components
+    return assemble_pipeline(
+        scheduler,
+        c["vae"],
+        c["text_encoder"],
+        clip_tok,
+        c["text_encoder_2"],
+        t5_tok,
+        c["transformer"],
+    )
+
+
+def param_seed(seed: int, component: str, name: str) -> int:
+    """The generator seed of one parameter: from the pipeline's seed, the component and the name."""
+    digest = hashlib.sha256(f"flux-ir random weights/{seed}/{component}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def random_values(
+    name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int
+) -> torch.Tensor:
+    """A parameter's values: uniform in ±1/sqrt(fan_in) for matrices and kernels (fan_in: the
+    product of every dimension but the first), zeros for biases, ones for other vectors (norms)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if len(shape) >= 2:
+        bound = math.prod(shape[1:]) ** -0.5
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return out.uniform_(-bound, bound, generator=generator)
+    return out.zero_() if name.rsplit(".", 1)[-1] == "bias" else out.fill_(1.0)
+
+
+@torch.no_grad()
+def fill_random(
+    module: nn.Module,
+    component: str,
+    seed: int,
+    device: str | torch.device,
+    init_device: str | torch.device | None = None,
+) -> nn.Module:
+    """Give every meta parameter of `module` its random values (`random_values`), made on
+    `init_device` (default `device`) one parameter at a time and moved to `device`; tied
+    parameters stay tied. Buffers move to `device`. Returns `module`."""
+    device = torch.device(device)
+    init = torch.device(init_device) if init_device is not None else device
+    made: dict[int, nn.Parameter] = {}
+    for prefix, sub in module.named_modules():
+        for local, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                name = f"{prefix}.{local}" if prefix else local
+                seed_i = param_seed(seed, component, name)
+                values = random_values(name, param.shape, param.dtype, init, seed_i)
+                made[id(param)] = nn.Parameter(values.to(device), requires_grad=False)
+                del values
+            sub._parameters[local] = made[id(param)]
+    return module.to(device)  # buffers (the parameters are there already)

@@ -28,6 +28,7 @@ from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.models.compile import check_compile_mode, compile_pipeline
 from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.sampling import effective_guidance, encode_prompt
 from flux_ir.sweep.config import SweepConfig
@@ -54,14 +55,18 @@ class SweepRunOptions:
     """How a sweep runs (not what it generates): `batch_size` images per pipeline call;
     `phase_pool` (None: off) keeps each step's x0 latents average-pooled by that factor (it must
     divide the latent size); `phase_images` (None: off, needs `phase_pool`) also VAE-decodes each
-    step's x0 into thumbnails of that many pixels (at least 8)."""
+    step's x0 into thumbnails of that many pixels (at least 8); `compile` (None: off) is a
+    torch.compile mode for the transformer blocks and the VAE decoder
+    (`flux_ir.models.compile.compile_pipeline`)."""
 
     cfg: SweepConfig
     batch_size: int = 8
     phase_pool: int | None = None
     phase_images: int | None = None
+    compile: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "compile", check_compile_mode(self.compile))
         b = self.batch_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise InvalidArgumentError(
@@ -119,6 +124,7 @@ def run_sweep(
     dist: Distributed | None = None,
     progress: bool = True,
     extra_metadata: dict | None = None,
+    compile: str | None = None,
 ) -> SweepResult:
     """Generate every pending point of `cfg` into `out_dir`; resume if it holds the same sweep.
 
@@ -133,8 +139,14 @@ def run_sweep(
     point before generating it, so independent runs on one directory share the points (one waits
     for the points another is generating); on Ctrl-C the finished batches are written, a line says
     so on stderr, and KeyboardInterrupt is raised again.
+
+    `compile` ("default", "max-autotune-no-cudagraphs", "reduce-overhead"; None: eager) compiles the
+    transformer blocks and the VAE decoder with torch.compile before the first batch (compilation
+    happens in that batch; a pipeline compiled already is used as it is). Images then differ from
+    eager ones by float rounding (within one pixel level almost everywhere: the compiled sweep
+    benchmark reports the share).
     """
-    SweepRunOptions(cfg, batch_size, phase_pool, phase_images)
+    compile = SweepRunOptions(cfg, batch_size, phase_pool, phase_images, compile).compile
     actual = str(pipe.transformer.dtype).removeprefix("torch.")
     if cfg.dtype is not None and cfg.dtype != actual:
         raise InvalidArgumentError(
@@ -146,6 +158,7 @@ def run_sweep(
     fingerprint = weights_fingerprint(pipe)
     extra = sweep_metadata(pipe, cfg, batch_size, phase_pool, phase_images, dist, extra_metadata)
     extra[FINGERPRINT] = fingerprint
+    extra["compile"] = compile
     # every process: a different sweep, other weights or dropped phases stop them all before any write
     store.check(cfg, fingerprint)
     check_phases(store, phase_pool, phase_images)
@@ -162,6 +175,8 @@ def run_sweep(
     mine = dist.shard(todo)
     if phase_pool is not None:
         store.phases.mkdir(parents=True, exist_ok=True)
+    if compile is not None and mine:
+        compile_pipeline(pipe, compile)
     timings: dict = {}
     counts = {"written": 0}
     if mine:
