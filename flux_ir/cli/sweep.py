@@ -35,6 +35,7 @@ def sweep(
     device: str | None = None,
     weights: str = "pretrained",
     progress: bool = True,
+    scheduler: str = "euler",
 ) -> None:
     """Generate a latent-grid sweep (or a 1-D latent path) of images into --output_dir.
 
@@ -89,6 +90,9 @@ def sweep(
         weights: "pretrained" or "random" (the exact architecture with random weights, no
             download).
         progress: show a progress bar (points/s and ETA).
+        scheduler: euler (FLUX's flow-matching Euler), dpm++2m, dpm++3m or unipc, on FLUX's noise
+            levels; part of the sweep (with another than euler, the phases hold the x0 each step
+            implies: for multistep solvers, their combined estimate).
     """
     from flux_ir.io.dirs import check_output_dir
     from flux_ir.models import LoadOptions, load_pipeline
@@ -116,6 +120,7 @@ def sweep(
         height=height,
         num_steps=num_steps,
         guidance=guidance,
+        scheduler=scheduler,
     )
     if phase_images and not phases:
         raise InvalidArgumentError("{param} needs --phases", "phase_images")
