@@ -116,7 +116,7 @@ def check_lens_target(target: str, scheduler: str | None) -> None:
     if target == "next" and (choice is None or not choice.one_output):
         why = choice.description if choice else "a scheduler flux-ir does not know"
         raise InvalidArgumentError(
-            f"the {{param}} next lens reproduces one scheduler step from one model output, but "
+            f"{{param}} next reproduces one scheduler step from one model output, but "
             f"{name} ({why}) combines several model outputs per step; use the x0 lens (valid "
             "for every scheduler)",
             "target",
@@ -137,7 +137,8 @@ def _flux_adapter(base: type) -> type:
             kw["mu"] = mu
         return base.set_timesteps(self, num_inference_steps, device, **kw)
 
-    return type(f"Flux{base.__name__}", (base,), {"set_timesteps": set_timesteps})
+    # the same name: metadata and reprs name the diffusers solver that runs
+    return type(base.__name__, (base,), {"set_timesteps": set_timesteps, "__module__": __name__})
 
 
 _CLASSES: dict[str, type] = {}

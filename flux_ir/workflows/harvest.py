@@ -585,7 +585,7 @@ def check_disk(root: str | Path, needed: int) -> None:
     if needed * DISK_MARGIN > free:
         raise InvalidArgumentError(
             f"{{param}} {path}: the harvest needs {human_bytes(int(needed))} but the disk holds "
-            f"{human_bytes(free)} free; subsample tokens (--tokens_per_image), select fewer blocks or "
+            f"{human_bytes(free)} free; keep fewer tokens per image, select fewer blocks or "
             "steps, or choose another disk",
             "output_dir",
         )
