@@ -260,3 +260,15 @@ def test_two_processes_share_the_shards(tiny, tmp_path):
     assert np.array_equal(
         one.tokens("shard-000003.safetensors"), two.tokens("shard-000003.safetensors")
     )
+
+
+def test_the_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_harvest
+
+    result = bench_harvest.main(["--smoke", "--out", str(tmp_path / "out")])
+    assert [r["call"] for r in result["rows"]] == ["first", "later"]
+    # 4 images x 2 steps x 4 image tokens x 32 float32: the activations, then tokens and records
+    assert all(r["GB_written"] * 1e9 > 4 * 2 * 4 * 32 * 4 for r in result["rows"])
+    assert json.loads((tmp_path / "out" / "harvest.json").read_text())["target_ratio"] == 0.9
+    assert "| first |" in (tmp_path / "out" / "harvest.md").read_text()

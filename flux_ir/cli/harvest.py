@@ -42,8 +42,9 @@ def harvest(
 
     The expected size is printed before the model loads, and the harvest is refused when the disk
     cannot hold it. Re-running the same command resumes (finished shards are kept, a partial one is
-    made again). Launch with `torchrun --nproc_per_node N` (and --nnodes/--node_rank for several
-    nodes sharing the directory) to share the shards out over N processes, one GPU each.
+    made again). Launch with `torchrun --nproc_per_node N --no-python flux-ir harvest ...` (and
+    --nnodes/--node_rank/--master_addr on each of several nodes sharing the directory) to share the
+    shards out over the processes, one GPU each.
 
     Args:
         prompts: a prompt file: .txt (one prompt a line), .csv (a prompt column; optional seed(s),
