@@ -15,6 +15,8 @@ Noise comes from CPU generators seeded per call (`seed=7`) or per image (`seed=[
 the same image on any device; packed `latents` [B, N, 64] replace the noise. Models without a guidance
 embedding (schnell, flux-toy) ignore `guidance`; true classifier-free guidance (two transformer passes
 per step, the conditional first) runs when `true_cfg_scale` > 1 and a negative prompt is set.
+`scheduler` names the solver (`flux_ir.models.schedulers`); `generate` puts it in the pipeline, which
+keeps it after the call, so `pipe.scheduler.sigmas` describe the last call.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class SamplingOptions:
     prompt: the text prompt. width, height: pixels, multiples of 16. num_steps: denoising steps.
     guidance: distilled guidance scale (None: the model's default; ignored without a guidance
     embedding). negative_prompt, true_cfg_scale: true classifier-free guidance when scale > 1 and a
-    negative prompt is set. max_sequence_length: T5 tokens (1 to 512).
+    negative prompt is set. max_sequence_length: T5 tokens (1 to 512). scheduler: how a step
+    combines the model's outputs, on FLUX's noise levels: "euler" (FLUX's own), "dpm++2m",
+    "dpm++3m" or "unipc" (`flux_ir.models.schedulers`).
 
     Build it from a model's spec to get that model's defaults, then override what differs:
 
@@ -70,6 +74,7 @@ class SamplingOptions:
     guidance: float | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
+    scheduler: str = "euler"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -98,6 +103,9 @@ class SamplingOptions:
                 f"{{param}} must be >= 1 (1 turns true CFG off), got {scale}", "true_cfg_scale"
             )
         object.__setattr__(self, "true_cfg_scale", scale)
+        from flux_ir.models.schedulers import check_scheduler
+
+        check_scheduler(self.scheduler)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides: Any) -> SamplingOptions:
@@ -247,6 +255,8 @@ def generate(
     """
     import torch
 
+    from flux_ir.models.schedulers import use_scheduler
+
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(
             f"{{param}} must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}",
@@ -290,6 +300,7 @@ def generate(
     if embeddings is None:
         for text in dict.fromkeys([opts.prompt] if prompts is None else prompts):
             note_truncation(pipe, text, opts.max_sequence_length)
+    use_scheduler(pipe, opts.scheduler)  # the pipeline keeps it: its sigmas describe this call
     if isinstance(seed, int):
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     elif seed is not None:

@@ -99,6 +99,7 @@ def run_capture(
         "true_cfg_scale": sampling.true_cfg_scale if sampling.true_cfg else 1.0,
         "seed": opts.seed,
         "num_images": opts.num_images,
+        "scheduler_class": type(pipe.scheduler).__name__,
         "timesteps": sigmas[:-1],
         "sigmas": sigmas,
         "dtype": str(transformer.dtype).removeprefix("torch."),

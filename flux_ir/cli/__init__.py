@@ -1,4 +1,4 @@
-"""Command line: `flux-ir capture|decode|sweep|analyze|verify ...` and the scripts beside the package
+"""Command line: `flux-ir capture|decode|sweep|analyze|verify|patch|harvest ...` and the scripts beside the package
 (`capture_sample.py`, `grid_sweep.py`, `train_toy.py`, `toy_quality.py`).
 
 A strict front end stands before fire. `run_fire` checks every argument against the command
@@ -404,6 +404,7 @@ def commands() -> dict[str, Callable]:
     """flux-ir's commands (their modules are light: each imports torch inside its body)."""
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
+    from flux_ir.cli.harvest import harvest
     from flux_ir.cli.patch import patch
     from flux_ir.cli.sweep import analyze, sweep
     from flux_ir.cli.verify import verify
@@ -415,6 +416,7 @@ def commands() -> dict[str, Callable]:
         "analyze": analyze,
         "verify": verify,
         "patch": patch,
+        "harvest": harvest,
     }
 
 

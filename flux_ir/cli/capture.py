@@ -43,6 +43,7 @@ def capture(
     copy: str = "pinned",
     compile: bool = False,
     multi_gpu: bool = False,
+    scheduler: str = "euler",
 ) -> None:
     """Generate with FLUX while recording every double- and single-stream block at every step.
 
@@ -92,6 +93,9 @@ def capture(
             visible GPU with diffusers' device_map="balanced", for models too large for one GPU;
             needs 2 or more GPUs and weights from the hub or a local directory (not flux-tiny,
             flux-toy or --weights random), without --offload or --device.
+        scheduler: euler (FLUX's flow-matching Euler), dpm++2m, dpm++3m (DPM-Solver++ multistep)
+            or unipc (UniPC), all on FLUX's noise levels; recorded in the metadata. The next
+            decode target needs euler.
     """
     from flux_ir.capture import CaptureOptions, Selection, make_copier
     from flux_ir.io.dirs import check_output_dir
@@ -111,7 +115,12 @@ def capture(
         guidance=guidance,
         negative_prompt=text(negative_prompt),
         true_cfg_scale=true_cfg_scale,
+        scheduler=scheduler,
     )
+    if should_decode_intermediates:
+        from flux_ir.models.schedulers import check_lens_target
+
+        check_lens_target(decode_target, scheduler)
     run = CaptureRunOptions(
         selection=Selection.parse(
             double_blocks, single_blocks, steps, streams, store_dtype, reduce

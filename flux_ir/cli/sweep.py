@@ -36,6 +36,7 @@ def sweep(
     weights: str = "pretrained",
     progress: bool = True,
     compile: bool | str = False,
+    scheduler: str = "euler",
 ) -> None:
     """Generate a latent-grid sweep (or a 1-D latent path) of images into --output_dir.
 
@@ -93,6 +94,9 @@ def sweep(
         compile: torch.compile the transformer blocks and the VAE decoder (bare --compile:
             "default"; or a mode: "max-autotune-no-cudagraphs", "reduce-overhead"); the first
             batch pays the compilation, images differ from eager ones by float rounding.
+        scheduler: euler (FLUX's flow-matching Euler), dpm++2m, dpm++3m or unipc, on FLUX's noise
+            levels; part of the sweep (with another than euler, the phases hold the x0 each step
+            implies: for multistep solvers, their combined estimate).
     """
     from flux_ir.io.dirs import check_output_dir
     from flux_ir.models import LoadOptions, load_pipeline
@@ -120,6 +124,7 @@ def sweep(
         height=height,
         num_steps=num_steps,
         guidance=guidance,
+        scheduler=scheduler,
     )
     if phase_images and not phases:
         raise InvalidArgumentError("{param} needs --phases", "phase_images")

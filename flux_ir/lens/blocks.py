@@ -22,6 +22,7 @@ from flux_ir.lens.decode import (
     LensHead,
     LensOptions,
     check_capture_model,
+    check_lens_target,
     decode_packed,
     lens_latents,
 )
@@ -60,7 +61,8 @@ def block_latents(
         )
         v = v_u + ctx["true_cfg_scale"] * (v - v_u)
     t_curr, t_prev = ctx["timestep_pairs"][k]
-    return lens_latents(v, ctx["img_state"][k], t_curr, t_prev, target)
+    scheduler = cap.metadata.get("scheduler")
+    return lens_latents(v, ctx["img_state"][k], t_curr, t_prev, target, scheduler)
 
 
 def decode_capture(
@@ -78,6 +80,7 @@ def decode_capture(
     `output_type` "pt" yields image tensors [B, 3, H, W] in [0, 1] (on the VAE's device) instead.
     """
     LensOptions(target, batch_size)  # one check of both, before any work
+    check_lens_target(target, cap.metadata.get("scheduler"))  # "next" needs a one-output step
     cap.check_image_tokens()
     temb = cap.denoising_context.get("temb")
     hidden = temb[0].shape[-1] if temb else None  # conditioning [B, D]: D is the blocks' width

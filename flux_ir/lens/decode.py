@@ -11,6 +11,10 @@ For image tokens `h` of any block, the transformer's own `norm_out(h, temb)` and
 velocity `v`. Target "x0" is the model's clean-image estimate `img_state - t_curr * v`; target "next" is
 the Euler step the scheduler takes, `img_state + (t_prev - t_curr) * v` (the original tool's lens). On
 the last block, "next" reproduces the pipeline's own next latent.
+
+"x0" holds for every scheduler flux-ir offers (each computes the same estimate from the velocity);
+"next" only for FLUX's Euler, whose step needs one model output: captures sampled with a multistep
+solver (metadata "scheduler") are refused it (`check_lens_target`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.geometry import unpack_latents
+from flux_ir.models.schedulers import check_lens_target
 
 TARGETS = ("x0", "next")
 # (double blocks, single blocks, width) of the architectures flux-ir knows, to name a pipeline
@@ -151,11 +156,14 @@ def lens_latents(
     t_curr: float,
     t_prev: float,
     target: str = "x0",
+    scheduler: str | None = None,
 ) -> torch.Tensor:
     """Packed latents [B, N, 64] from a velocity, computed in float32 like the scheduler's step.
 
-    Returns `img_state`'s dtype on `v`'s device. `target` is "x0" or "next" (see `LensOptions`).
+    Returns `img_state`'s dtype on `v`'s device. `target` is "x0" or "next" (see `LensOptions`);
+    `scheduler` (a capture's metadata "scheduler"; None: euler) refuses "next" for multistep solvers.
     """
+    check_lens_target(target, scheduler)
     x = img_state.to(v.device, torch.float32)
     # 0-dim float32 sigmas on the velocity's device, as FlowMatchEulerDiscreteScheduler.step uses them
     # (its sigmas live on the pipeline's device): a Python float, or a CPU scalar next to a CUDA tensor,

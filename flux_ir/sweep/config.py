@@ -124,10 +124,14 @@ class SweepConfig:
 
     def signature(self) -> dict:
         """Plain dict of every setting; two sweeps with equal signatures produce the same images.
-        (The vertices file may move: its content, the sha256, is what must match.)"""
+        (The vertices file may move: its content, the sha256, is what must match; the scheduler is
+        recorded when it is not FLUX's Euler.)"""
+        sampling = self.sampling.to_dict()
+        if sampling["scheduler"] == "euler":  # the default: sweeps made before the field resume
+            del sampling["scheduler"]
         return {
             "model": self.model,
-            **self.sampling.to_dict(),
+            **sampling,
             "seeds": list(self.seeds),
             "grid": self.grid.to_dict(),
             "vertices_sha256": self.vertices_sha256,
