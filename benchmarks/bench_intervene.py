@@ -10,7 +10,12 @@ after one call of each, which is reported as the process's first call):
 - steer_all: inside `Intervention(pipe.transformer, edits)` adding a random vector [D] to the image
   tokens of every double and single block at every step (`add`);
 - attention (when flux_ir.capture.attention exists): inside `AttentionTrace` recording 8 text tokens'
-  attention to the image tokens, head-mean, every block, every step;
+  attention to the image tokens (txt->img), head-mean, every block, every step;
+- attention_both: the same in both directions (img->txt too: each image token's attention to the
+  8 tokens, normalised by the attention kernel's own logsumexp where it gives SDPA's output);
+- attention check (not timed): one step recorded in both directions with the kernel's logsumexp
+  ("auto") and with the side computation ("exact"); the largest difference of their maps, how many
+  img->txt maps each normalised, and whether the latents equal plain generation's bit for bit;
 - patching: `causal_map(pipe, target, source, selection=...)`, the sites per second of its batched
   patched runs (the source capture and the two plain runs included in the call's time).
 """
@@ -39,15 +44,34 @@ def steering_edits(pipe, vector: torch.Tensor) -> list:
 
 
 def attention_context(pipe, opts):
-    """The attention recorder's context (None if this version has none)."""
+    """The attention recorder's context, `make(direction, **options)` (None if this version has none)."""
     try:
         from flux_ir.capture.attention import AttentionTrace
     except ImportError:
         return None
-    return lambda: AttentionTrace(
-        pipe.transformer, tokens=list(range(8)), heads="mean", direction="txt->img",
-        num_steps=opts.num_steps, passes_per_step=opts.passes_per_step,
+    return lambda direction="txt->img", **kw: AttentionTrace(
+        pipe.transformer, tokens=list(range(8)), heads="mean", direction=direction,
+        num_steps=opts.num_steps, passes_per_step=opts.passes_per_step, **kw,
     )  # fmt: skip
+
+
+def attention_check(pipe, opts, make_trace) -> dict:
+    """Step 0 recorded in both directions with the kernel's logsumexp and with the exact one: the
+    maps' largest difference, the normalisation counts, and bit identity of the latents."""
+    plain = generate(pipe, opts, seed=0, output_type="latent").images
+    runs = {}
+    for mode in ("auto", "exact"):
+        with make_trace("both", steps=(0,), logsumexp=mode) as trace:
+            latents = generate(pipe, opts, seed=0, output_type="latent").images
+        runs[mode] = (trace.maps, dict(trace.normalised), bool(torch.equal(latents, plain)))
+    (auto, counts, same_auto), (exact, exact_counts, same_exact) = runs["auto"], runs["exact"]
+    diff = max(float((auto.tensors[k] - v).abs().max()) for k, v in exact.tensors.items())
+    return {
+        "max_abs_difference": diff,
+        "normalised_auto": counts,
+        "normalised_exact": exact_counts,
+        "latents_bit_identical": same_auto and same_exact,
+    }
 
 
 def main() -> None:
@@ -81,7 +105,15 @@ def main() -> None:
             with make_trace():
                 return generate(pipe, opts, seed=0).images
 
+        def attention_both():
+            with make_trace("both") as trace:
+                images = generate(pipe, opts, seed=0).images
+            normalised.update(trace.normalised)
+            return images
+
+        normalised: dict = {}
         configs["attention"] = attention
+        configs["attention_both"] = attention_both
     first, times = {}, {name: [] for name in configs}
     for name, fn in configs.items():
         sync()
@@ -107,6 +139,12 @@ def main() -> None:
         }
         for name in configs
     ]
+
+    check = None
+    if make_trace is not None:
+        rows[-1]["img_txt_by_kernel_lse"] = normalised.get("kernel")
+        check = attention_check(pipe, opts, make_trace)
+        print("attention check:", check)
 
     # patching throughput: the last `patch_blocks` single blocks at every step
     n_single = len(pipe.transformer.single_transformer_blocks)
@@ -138,6 +176,7 @@ def main() -> None:
         "steps": steps,
         "rounds": args.rounds,
         "rows": rows,
+        "attention_check": check,
         "device": device_info(),
     }
     table = write_results(
@@ -151,6 +190,7 @@ def main() -> None:
             "x_plain",
             "first_call_s",
             "first_x_plain",
+            "img_txt_by_kernel_lse",
             "sites",
             "sites_per_s",
             "projected_57x28_map_min",

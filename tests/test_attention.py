@@ -2,6 +2,8 @@
 softmax rows of the processor's own q and k, hooks always removed, errors naming their parameter,
 and what flux-toy's maps show about "circle" and "background"."""
 
+import shutil
+
 import diffusers.models.transformers.transformer_flux as transformer_flux
 import pytest
 import torch
@@ -19,6 +21,7 @@ from flux_ir.errors import CaptureFileError, InvalidArgumentError
 from flux_ir.models import load_pipeline
 from flux_ir.plots import attention_overlay
 from flux_ir.sampling import SamplingOptions, generate
+from flux_ir.store import load_capture
 from flux_ir.toy.checker import FOREGROUND_DISTANCE
 
 from .conftest import small_sampling
@@ -72,19 +75,21 @@ def test_recording_leaves_the_generated_latents_bit_identical(model, cfg, tiny, 
 
 # -- (2) the maps are softmax rows of the processor's q and k ----------------------------------------
 @pytest.mark.parametrize(
-    "heads, max_scores", [("mean", 1 << 26), ([1], 1 << 26), ("mean", 64)]
-)  # max_scores=64: img->txt one query per chunk
-def test_maps_are_the_rows_of_an_explicit_softmax(tiny, monkeypatch, heads, max_scores):
+    "heads, max_scores, logsumexp",
+    [("mean", 1 << 26, "auto"), ([1], 1 << 26, "auto"), ("mean", 64, "exact")],
+)  # "auto": img->txt normalised by the kernel's logsumexp; "exact", max_scores=64: on the side,
+# one query per chunk
+def test_maps_are_the_rows_of_an_explicit_softmax(tiny, monkeypatch, heads, max_scores, logsumexp):
     pipe = tiny[0]
     opts = small_sampling(num_steps=2, **CFG)
-    calls = []  # (q, k) exactly as the processor hands them to the attention kernel
-    dispatch = transformer_flux.dispatch_attention_fn
+    rotated = []  # q then k of each attention call, as the processor rotates them for the kernel
+    rotate = transformer_flux.apply_rotary_emb
 
-    def spy(query, key, value, **kw):
-        calls.append((query.clone(), key.clone()))
-        return dispatch(query, key, value, **kw)
+    def spy(x, *args, **kw):
+        rotated.append(rotate(x, *args, **kw).clone())
+        return rotated[-1]
 
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(transformer_flux, "apply_rotary_emb", spy)
     words = token_indices(pipe, opts.prompt, ["photo", "cat"])
     tokens = [*words.values(), 12]  # two words and the end-of-text token
     with AttentionTrace(
@@ -96,11 +101,14 @@ def test_maps_are_the_rows_of_an_explicit_softmax(tiny, monkeypatch, heads, max_
         direction="both",
         passes="both",
         max_scores=max_scores,
+        logsumexp=logsumexp,
     ) as trace:  # passes told apart by the timestep (passes_per_step=None)
         generate(pipe, opts, seed=3)
+    assert trace.normalised["exact" if logsumexp == "exact" else "kernel"] == 2 * 6
     t = pipe.transformer
     blocks = [("double", i) for i in range(len(t.transformer_blocks))]
     blocks += [("single", i) for i in range(len(t.single_transformer_blocks))]
+    calls = list(zip(rotated[::2], rotated[1::2]))  # (q, k) [B, S, heads, d]
     assert len(calls) == 2 * 2 * len(blocks)  # steps x (cond, uncond) x blocks
     n_txt, grid = opts.max_sequence_length, opts.token_grid
     for p, name in enumerate(("cond", "uncond")):
@@ -171,6 +179,7 @@ def test_hooks_are_removed_after_an_exception(tiny):
         (dict(tokens=[1], direction="img->img"), "direction"),
         (dict(tokens=[1], passes="negative"), "passes"),
         (dict(tokens=[1], max_scores=0), "max_scores"),
+        (dict(tokens=[1], logsumexp="lse"), "logsumexp"),
         (dict(tokens=[1], passes_per_step=3), "passes_per_step"),
         (dict(options=AttentionOptions(tokens=[1]), tokens=[2]), "options"),
     ],
@@ -280,3 +289,118 @@ def test_flux_toy_circle_attends_inside_the_shape_more_than_background(toy):
                 report.append(f"{direction} {kind} {i}: {inside[0]:.3f} vs {inside[1]:.3f}")
     print("\n".join(report))
     assert min(wins.values()) >= 9, "\n".join(report)  # measured: 10 and 10 of 12
+
+
+# -- (6) maps recorded with a capture live in its files -------------------------------------------
+def test_kernel_logsumexp_is_used_and_matches_the_exact_one(tiny):
+    """On the CPU SDPA runs the flash kernel, whose logsumexp normalises img->txt; the side
+    computation ("exact") gives the same maps."""
+    pipe = tiny[0]
+    opts = small_sampling(num_steps=2, **CFG)
+    runs = {}
+    for mode in ("auto", "exact"):
+        with AttentionTrace(
+            pipe.transformer, tokens=[1, 3], direction="img->txt", passes="both", logsumexp=mode
+        ) as trace:
+            runs[mode] = latents(pipe, opts)
+        runs[mode, "maps"], runs[mode, "count"] = trace.passes, dict(trace.normalised)
+    n = 2 * 2 * 6  # steps x passes x blocks
+    assert runs["auto", "count"] == {"kernel": n, "exact": 0}
+    assert runs["exact", "count"] == {"kernel": 0, "exact": n}
+    assert torch.equal(runs["auto"], runs["exact"])
+    for name in ("cond", "uncond"):
+        kernel, exact = runs["auto", "maps"][name], runs["exact", "maps"][name]
+        assert kernel.tensors.keys() == exact.tensors.keys()
+        for key, value in exact.tensors.items():
+            torch.testing.assert_close(kernel.tensors[key], value)
+
+
+@pytest.fixture(scope="module")
+def attention_capture(tiny, tmp_path_factory):
+    """flux-tiny with true CFG: a capture with both passes' maps in both directions, saved as .pt
+    and streamed to shards, and the same run without maps."""
+    from flux_ir.capture import CaptureOptions, Selection, run_capture
+    from flux_ir.store import ShardWriter, save_capture
+
+    pipe, spec = tiny
+    opts = CaptureOptions(small_sampling(**CFG), seed=2)
+    words = token_indices(pipe, opts.sampling.prompt, ["photo", "cat"])
+    att = AttentionOptions(tokens=words, direction="both", passes="both", steps="0,-1")
+    sel = Selection(single_blocks=(-2, -1), steps=(0, -1))
+    root = tmp_path_factory.mktemp("attention_capture")
+    images, cap = run_capture(pipe, opts, model_name=spec.name, selection=sel, attention=att)
+    plain_images, plain = run_capture(pipe, opts, model_name=spec.name, selection=sel)
+    pt = save_capture(cap, root / "capture.pt")
+    writer = ShardWriter(root / "shards")
+    _, streamed = run_capture(
+        pipe, opts, model_name=spec.name, selection=sel, attention=att, sink=writer, progress=False
+    )
+    shards = writer.finish(streamed)
+    return cap, plain, images, plain_images, pt, shards
+
+
+def same_maps(a, b) -> None:
+    assert a.metadata() == b.metadata()
+    assert a.tensors.keys() == b.tensors.keys() and a.to_text.keys() == b.to_text.keys()
+    for key, value in a.tensors.items():
+        assert torch.equal(b.tensors[key], value), key
+    for key, value in a.to_text.items():
+        assert torch.equal(b.to_text[key], value), key
+
+
+def test_a_capture_holds_its_maps_and_the_run_is_unchanged(attention_capture):
+    cap, plain, images, plain_images, *_ = attention_capture
+    assert [i.tobytes() for i in images] == [i.tobytes() for i in plain_images]
+    assert torch.equal(
+        cap.denoising_context["final_latents"], plain.denoising_context["final_latents"]
+    )
+    assert torch.equal(cap["single", -1, -1], plain["single", -1, -1])
+    assert plain.attention is None and "attention" not in plain.to_dict()
+    maps = cap.attention
+    assert maps.pass_name == "cond" and cap.attention_uncond.pass_name == "uncond"
+    assert maps.tokens == ("photo", "cat") and maps.steps == [0, 3]
+    assert maps["double", 0, -1, "txt->img"].shape == (1, 2, 4, 4)  # [B, T, H/16, W/16]
+    assert maps.to_text["single", 3, 0].shape == (1, 2, 32)  # [B, T, L]
+    assert "attention of ['photo', 'cat']" in repr(cap)
+    assert all(t.device.type == "cpu" for t in maps.tensors.values())
+
+
+@pytest.mark.parametrize("form", ["pt", "shards"])
+def test_maps_round_trip_through_the_capture_files(attention_capture, form):
+    cap, *_, pt, shards = attention_capture
+    from flux_ir.store import verify_capture
+
+    path = pt if form == "pt" else shards
+    verify_capture(path)
+    back = load_capture(path, verify=True)
+    same_maps(cap.attention, back.attention)
+    same_maps(cap.attention_uncond, back.attention_uncond)
+    torch.testing.assert_close(back.attention.stack("img->txt"), cap.attention.stack("img->txt"))
+
+
+def test_the_shards_loader_reads_maps_only_when_asked(attention_capture):
+    *_, shards = attention_capture
+    cap = load_capture(shards)
+    cap["single", -1, -1]  # block tensors: read from their shard
+    assert "attention.safetensors" not in cap.reader.opened
+    assert cap.attention.tokens == ("photo", "cat")  # metadata is in the manifest
+    assert "attention.safetensors" not in cap.reader.opened
+    assert cap.attention["single", -1, -1, "txt->img"].shape == (1, 2, 4, 4)
+    assert "attention.safetensors" in cap.reader.opened
+
+
+def test_a_damaged_attention_file_is_named(attention_capture, tmp_path):
+    *_, shards = attention_capture
+    from flux_ir.store import verify_capture
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    f = copy / "attention.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes
+    f.write_bytes(bytes(data))
+    with pytest.raises(CaptureFileError, match=r"attention.safetensors is damaged: the bytes of"):
+        verify_capture(copy)
+    f.unlink()
+    with pytest.raises(CaptureFileError, match="attention.safetensors is truncated or missing"):
+        load_capture(copy)

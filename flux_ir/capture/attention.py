@@ -11,20 +11,30 @@
 
 FLUX attends jointly: in a double block the text and image queries, keys and values are concatenated
 (text first) into one softmax(QK^T / sqrt(d)) V; a single block does the same on its [txt; img]
-sequence. For the chosen blocks and steps the trace computes, beside the processor and from the very
-q and k it uses (read by forward hooks on the attention's q/k norms, then rotated as the processor
-rotates them), only the rows the selection needs:
-- "txt->img": the softmax row of each chosen text token (as query) over all L + N keys, split into
-  its image part [B, T, H/16, W/16] (`maps[kind, block, step]`) and its text part [B, T, L]
-  (`maps.to_text[kind, block, step]`); the two sum to 1;
+sequence. For the chosen blocks and steps the trace sees the q and k [B, L + N, heads, d] that
+FluxAttnProcessor hands to the attention kernel (rotated, in the model's dtype; diffusers'
+`dispatch_attention_fn` is routed through the trace while it is open) and computes beside the
+kernel only what the selection needs:
+- "txt->img": the softmax row of each chosen text token (as query) over all L + N keys (T rows, one
+  small product), split into its image part [B, T, H/16, W/16] (`maps[kind, block, step]`) and its
+  text part [B, T, L] (`maps.to_text[kind, block, step]`); the two sum to 1;
 - "img->txt": how much each image token (as query) attends to each chosen text token, [B, T, H/16,
-  W/16]; each row is normalised by the logsumexp over all keys, computed in chunks of queries.
-Probabilities are averaged over the heads (or the chosen `heads`) on the device, then copied to the
-CPU as float32. The processor's own computation is untouched, so generated images are bit for bit
-those of a run without the trace. Hooks are registered on entering the context and always removed
-on exit (also on exceptions). As in `BlockTrace`, each transformer call is a pass, two per step with
-true CFG (the conditional first; told apart by their shared timestep, or by `passes_per_step`); the
-unconditional pass is left out unless `passes="uncond"` or `"both"`. One run per context.
+  W/16]: exp(q k_t / sqrt(d) - logsumexp of the query's row) for the T chosen keys. The logsumexp
+  comes from the attention kernel itself (flash / memory-efficient / cuDNN on CUDA, flash on the
+  CPU: the kernel torch's SDPA picks, called with the same inputs; its output is checked bit for
+  bit against SDPA's once per run and input shape, and used as the model's attention output); where
+  no such kernel gives the very output, it is computed on the side in chunks of queries.
+Probabilities are averaged over the heads (or the chosen `heads`) on the device, kept there until
+the context exits (no host sync per block), then moved to the CPU as float32. The model's attention
+output is the one plain generation computes, so generated images are bit for bit those of a run
+without the trace. Hooks are registered on entering the context and always removed on exit (also on
+exceptions). As in `BlockTrace`, each transformer call is a pass, two per step with true CFG (the
+conditional first; told apart by their shared timestep, or by `passes_per_step`); the unconditional
+pass is left out unless `passes="uncond"` or `"both"`. One run per context.
+
+Maps recorded with a capture (`run_capture(..., attention=AttentionOptions(...))`) are part of it:
+`cap.attention[kind, block, step]`, saved in the capture's files and read lazily by `load_capture`
+(see `flux_ir.capture.schema`). `save_attention` / `load_attention` keep maps recorded on their own.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,8 +60,10 @@ if TYPE_CHECKING:
 DIRECTIONS = ("txt->img", "img->txt")
 PASSES = ("cond", "uncond")
 KINDS = ("double", "single")
+LOGSUMEXP = ("auto", "exact")
 MAX_SCORES = 1 << 26  # score elements materialised at once for img->txt (256 MB of float32)
 FORMAT = "flux-ir attention 1"
+TO_TEXT = "txt->txt"  # the name of the txt->img rows' text parts in files
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,11 @@ class AttentionOptions:
     double_blocks, single_blocks, steps: indices or ranges as in `Selection` (None: all; negative:
     from the end; steps need the run's `num_steps` for that). heads: "mean" (all heads) or head
     indices whose average is kept. direction: "txt->img", "img->txt" or "both". passes: "cond"
-    (default), "uncond" or "both" (true CFG's unconditional pass). max_scores: score elements
-    computed at once for img->txt (memory bound of the side computation).
+    (default), "uncond" or "both" (true CFG's unconditional pass). logsumexp: how img->txt rows are
+    normalised: "auto" takes each image query's logsumexp from the attention kernel itself where
+    that kernel gives the model's output bit for bit (checked once per run), else computes it;
+    "exact" always computes it on the side. max_scores: score elements computed at once for that
+    side computation (its memory bound).
 
     >>> AttentionOptions(tokens={"circle": 2}, single_blocks="-1", steps="0,-1").names
     ('circle',)
@@ -80,6 +95,7 @@ class AttentionOptions:
     heads: str | tuple[int, ...] = "mean"
     direction: str = "txt->img"
     passes: str = "cond"
+    logsumexp: str = "auto"
     max_scores: int = MAX_SCORES
     names: tuple[str, ...] = ()
 
@@ -136,6 +152,10 @@ class AttentionOptions:
             raise InvalidArgumentError(
                 f"{{param}} {self.passes!r}: choose one of {', '.join(PASSES)}, both", "passes"
             )
+        if self.logsumexp not in LOGSUMEXP:
+            raise InvalidArgumentError(
+                f"{{param}} {self.logsumexp!r}: choose one of {', '.join(LOGSUMEXP)}", "logsumexp"
+            )
         if isinstance(self.max_scores, bool) or not isinstance(self.max_scores, int):
             raise InvalidArgumentError(
                 f"{{param}} must be a positive integer, got {self.max_scores!r}", "max_scores"
@@ -182,7 +202,7 @@ class AttentionOptions:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class AttentionMaps:
     """Recorded maps of one kind of pass: `maps[kind, block, step]` -> [B, T, H/16, W/16] float32.
 
@@ -190,7 +210,7 @@ class AttentionMaps:
     recorded, name one: `maps[kind, block, step, "img->txt"]`. `to_text[kind, block, step]` is the
     txt->img rows' text part [B, T, L]. `tokens`: names of the T text tokens; `token_indices`: their
     T5 positions; `grid`: (H/16, W/16); `tensors`: every map by (direction, kind, block, step), as
-    recorded (non-negative indices).
+    recorded (non-negative indices). Maps read from a capture file are read from it when indexed.
     """
 
     tokens: tuple[str, ...]
@@ -201,8 +221,8 @@ class AttentionMaps:
     num_blocks: dict[str, int]
     num_steps: int = 0
     grid: tuple[int, int] | None = None
-    tensors: dict[tuple[str, str, int, int], torch.Tensor] = field(default_factory=dict)
-    to_text: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    tensors: MutableMapping[tuple[str, str, int, int], torch.Tensor] = field(default_factory=dict)
+    to_text: MutableMapping[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def blocks(self) -> dict[str, list[int]]:
@@ -263,10 +283,44 @@ class AttentionMaps:
             "directions": list(self.directions),
             "heads": self.heads if self.heads == "mean" else list(self.heads),
             "pass_name": self.pass_name,
-            "num_blocks": self.num_blocks,
+            "num_blocks": dict(self.num_blocks),
             "num_steps": self.num_steps,
             "grid": None if self.grid is None else list(self.grid),
         }
+
+    # -- as files hold them ----------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Every map by a flat name: "{direction}/{kind}/{block}/{step}" ([B, T, H/16, W/16]) and
+        "txt->txt/{kind}/{block}/{step}" (the `to_text` parts [B, T, L]); contiguous, as stored."""
+        out = {"/".join(map(str, key)): t.contiguous() for key, t in self.tensors.items()}
+        out |= {
+            "/".join(map(str, (TO_TEXT, *key))): t.contiguous() for key, t in self.to_text.items()
+        }
+        return out
+
+    @classmethod
+    def from_tensors(cls, metadata: dict, tensors: Mapping[str, torch.Tensor]) -> AttentionMaps:
+        """Maps from `metadata()` and `to_tensors()`'s names; `tensors` is read only when a map is
+        indexed (a lazy mapping stays lazy). Raises CaptureFileError if they are not such maps."""
+        md = metadata
+        try:
+            if md.get("format") != FORMAT:
+                raise ValueError(f"format {md.get('format')!r}")
+            heads = md["heads"]
+            return cls(
+                tokens=tuple(md["tokens"]),
+                token_indices=tuple(md["token_indices"]),
+                directions=tuple(md["directions"]),
+                heads=heads if heads == "mean" else tuple(heads),
+                pass_name=md["pass_name"],
+                num_blocks=dict(md["num_blocks"]),
+                num_steps=int(md["num_steps"]),
+                grid=None if md["grid"] is None else tuple(md["grid"]),
+                tensors=_Named(tensors, maps=True),
+                to_text=_Named(tensors, maps=False),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CaptureFileError(f"not flux-ir attention maps ({err})") from err
 
     def __repr__(self) -> str:
         return (
@@ -274,6 +328,49 @@ class AttentionMaps:
             f"{'/'.join(self.directions)}, blocks {self.blocks}, steps {self.steps}, "
             f"grid {self.grid}, heads {self.heads})"
         )
+
+
+class _Named(MutableMapping):
+    """A view of flat-named tensors ("dir/kind/block/step") keyed by tuples: maps (direction, kind,
+    block, step) or to-text parts (kind, block, step). Names are listed on first use, tensors read
+    when indexed; what is assigned (e.g. a move to the CPU) is kept in the view."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], maps: bool):
+        self.source, self.maps = source, maps
+        self._names: dict[tuple, str] | None = None
+        self._held: dict[tuple, torch.Tensor] = {}
+
+    def names(self) -> dict[tuple, str]:
+        if self._names is None:
+            names = {}
+            for name in self.source:
+                direction, kind, block, step = name.split("/")
+                if (direction == TO_TEXT) != self.maps:
+                    key = (kind, int(block), int(step))
+                    names[(direction, *key) if self.maps else key] = name
+            self._names = names
+        return self._names
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        if key in self._held:
+            return self._held[key]
+        return self.source[self.names()[key]]
+
+    def __setitem__(self, key: tuple, value: torch.Tensor) -> None:
+        self.names()
+        self._held[key] = value
+
+    def __delitem__(self, key: tuple) -> None:
+        raise TypeError("maps read from a file cannot be deleted")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names() or key in self._held
+
+    def __iter__(self):
+        return iter(self.names().keys() | self._held.keys())
+
+    def __len__(self) -> int:
+        return len(self.names().keys() | self._held.keys())
 
 
 class AttentionTrace:
@@ -287,7 +384,8 @@ class AttentionTrace:
             passes of one step share it; one device sync per transformer call).
 
     `trace.maps` holds the maps of the first recorded kind of pass (cond by default),
-    `trace.passes[name]` each kind's.
+    `trace.passes[name]` each kind's. `trace.normalised` counts the img->txt maps normalised by the
+    attention kernel's own logsumexp ("kernel") and by the side computation ("exact").
     """
 
     def __init__(
@@ -336,14 +434,21 @@ class AttentionTrace:
             )
             for name in opt.pass_names
         }
+        self.normalised = {"kernel": 0, "exact": 0}
+        self._needs_lse = "img->txt" in opt.directions and opt.logsumexp == "auto"
         self._handles: list = []
         self._calls = 0
         self._step = -1
         self._pass = 0
         self._last_t: torch.Tensor | None = None
         self._active: AttentionMaps | None = None
+        self._current: tuple[str, int] | None = None  # the block whose attention runs now
+        self._recorded = False
         self._txt_len = 0
-        self._stash: dict[str, torch.Tensor] = {}
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._kernels: dict[
+            tuple, bool
+        ] = {}  # input signature -> the lse kernel gives SDPA's output
 
     @property
     def maps(self) -> AttentionMaps:
@@ -360,13 +465,13 @@ class AttentionTrace:
             ):
                 for i in idx:
                     attn = blocks[i].attn
-                    for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-                        if getattr(attn, name, None) is not None:
-                            hook = self._stash_hook(name.removeprefix("norm_"))
-                            self._handles.append(getattr(attn, name).register_forward_hook(hook))
                     self._handles.append(
-                        attn.register_forward_hook(self._attn_hook(kind, i), with_kwargs=True)
+                        attn.register_forward_pre_hook(self._enter_attn(kind, i), with_kwargs=True)
                     )
+                    self._handles.append(
+                        attn.register_forward_hook(self._leave_attn(kind, i), always_call=True)
+                    )
+            _listen(self)
         except BaseException:
             self._remove()
             raise
@@ -382,11 +487,12 @@ class AttentionTrace:
                     table[key] = value.cpu()
 
     def _remove(self) -> None:
+        _unlisten(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._stash.clear()
         self._active = None
+        self._current = None
 
     # -- hooks -----------------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -420,75 +526,221 @@ class AttentionTrace:
             h = int(img_ids[:, 1].max()) + 1
             self._active.grid = (h, hidden.shape[1] // h)
 
-    def _stash_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._active is not None:
-                self._stash[name] = output
+    def _enter_attn(self, kind: str, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._active is None:
+                return
+            # FluxAttention.forward(hidden_states, encoder_hidden_states, attention_mask, ...)
+            mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+            if mask is not None:
+                raise FluxIRError("AttentionTrace does not support attention masks")
+            self._current, self._recorded = (kind, index), False
 
         return hook
 
-    def _attn_hook(self, kind: str, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            maps = self._active
-            if maps is None:
-                return
-            stash, self._stash = self._stash, {}
-            # FluxAttention.forward(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-            given = dict(zip(("hidden_states", "encoder", "attention_mask", "rotary"), args))
-            if kwargs.get("attention_mask", given.get("attention_mask")) is not None:
-                raise FluxIRError("AttentionTrace does not support attention masks")
-            # [B, S, heads, d] after the norms; double blocks keep text apart, text first
-            q, k = stash["q"], stash["k"]
-            if "added_q" in stash:
-                q_txt, q_img = stash["added_q"], q
-                k = torch.cat([stash["added_k"], k], dim=1)  # as the processor concatenates
-            else:
-                q_txt, q_img = q[:, : self._txt_len], q[:, self._txt_len :]
-            rotary = kwargs.get("image_rotary_emb", given.get("rotary"))
-            self._record(maps, kind, index, q_txt, q_img, k, rotary)
+    def _leave_attn(self, kind: str, index: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            current, self._current = self._current, None
+            if current is not None and not self._recorded and output is not None:
+                processor = type(getattr(module, "processor", None)).__name__
+                raise FluxIRError(
+                    f"AttentionTrace saw no attention call in {kind} block {index}: its processor "
+                    f"{processor} does not call diffusers' dispatch_attention_fn (FluxAttnProcessor "
+                    "does); set the default processor with transformer.set_attn_processor"
+                )
 
         return hook
 
     # -- the side computation --------------------------------------------------------------------
-    def _record(self, maps: AttentionMaps, kind: str, index: int, q_txt, q_img, k, rotary) -> None:
-        """Rows of softmax(q k^T / sqrt(d)) that the selection needs, averaged over heads; kept on
-        the device until the context exits (float32; B * T * N values per block and step)."""
-        from diffusers.models.embeddings import apply_rotary_emb
+    def _tokens_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text positions as an index on `device` (and the chosen heads), made once."""
+        if device not in self._index:
+            heads = self.options.heads
+            self._index[device] = (
+                torch.tensor(self.options.tokens, device=device),
+                None if heads == "mean" else torch.tensor(heads, device=device),
+            )
+        return self._index[device]
 
+    def _record(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None) -> None:
+        """Rows of softmax(q k^T / sqrt(d)) that the selection needs, from the q and k [B, S, H, d]
+        that the attention kernel received (rotated; text first), averaged over heads; `lse`
+        [B, H, S]: the kernel's logsumexp of each query's scaled scores, or None. Kept on the
+        device until the context exits (float32; B * T * N values per block and step)."""
+        maps, (kind, index) = self._active, self._current
+        self._recorded = True
         opt = self.options
         n_txt = self._txt_len
-        if opt.heads != "mean":
-            heads = list(opt.heads)
-            q_txt, q_img, k = q_txt[:, :, heads], q_img[:, :, heads], k[:, :, heads]
-        scale = 1.0 / math.sqrt(k.shape[-1])
-
-        def rows(x: torch.Tensor, sel, start: int = 0) -> torch.Tensor:
-            """Rows `sel` of x [B, S', heads, d] (at sequence position `start` + sel), rotated as the
-            processor rotates them, as float32 [B, heads, R, d]."""
-            x = x[:, sel]
-            if rotary is not None:
-                cos, sin = (r[start:][sel] for r in rotary)
-                x = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
-            return x.transpose(1, 2).float()
-
-        keys_t = (rows(k, slice(None)) * scale).transpose(-1, -2)  # [B, heads, d, S]; k untouched
+        tok, heads = self._tokens_on(query.device)
+        if heads is not None:
+            query, key = query.index_select(2, heads), key.index_select(2, heads)
+            lse = None if lse is None else lse.index_select(1, heads)
+        scale = 1.0 / math.sqrt(key.shape[-1])
         step = self._step
-        b, n_img = q_img.shape[:2]
+        b, n_img = query.shape[0], query.shape[1] - n_txt
         shape = (b, len(opt.tokens), *maps.grid)
-        tok = list(opt.tokens)
         if "txt->img" in opt.directions:
-            p = torch.softmax(rows(q_txt, tok) @ keys_t, dim=-1).mean(1)  # [B, T, L + N]
+            scores = _scores(query.index_select(1, tok), key).mul_(scale)  # [B, H, T, L + N]
+            p = torch.softmax(scores, dim=-1).mean(1)  # [B, T, L + N]
             maps.tensors["txt->img", kind, index, step] = p[..., n_txt:].reshape(shape)
             maps.to_text[kind, index, step] = p[..., :n_txt].contiguous()
         if "img->txt" in opt.directions:
-            chunk = max(1, opt.max_scores // (b * keys_t.shape[1] * keys_t.shape[-1]))
-            parts = []
-            for i in range(0, n_img, chunk):
-                s = rows(q_img, slice(i, i + chunk), n_txt) @ keys_t  # [B, heads, C, L + N]
-                lse = torch.logsumexp(s, dim=-1, keepdim=True)  # over every key
-                parts.append((s[..., tok] - lse).exp_().mean(1))  # [B, C, T]
-            img = torch.cat(parts, dim=1).transpose(1, 2).reshape(shape)
-            maps.tensors["img->txt", kind, index, step] = img
+            q_img = query[:, n_txt:]
+            if lse is not None:  # one small product: image queries x chosen text keys
+                scores = _scores(q_img, key.index_select(1, tok)).mul_(scale)  # [B, H, N, T]
+                p = scores.sub_(lse[:, :, n_txt:, None]).exp_().mean(1)  # [B, N, T]
+                self.normalised["kernel"] += 1
+            else:  # normalised by each image query's logsumexp over every key, in chunks
+                chunk = max(1, opt.max_scores // (b * key.shape[2] * key.shape[1]))
+                parts = []
+                for i in range(0, n_img, chunk):
+                    s = _scores(q_img[:, i : i + chunk], key).mul_(scale)  # [B, H, C, L + N]
+                    lse_c = torch.logsumexp(s, dim=-1, keepdim=True)  # over every key
+                    parts.append((s.index_select(-1, tok) - lse_c).exp_().mean(1))  # [B, C, T]
+                p = torch.cat(parts, dim=1)
+                self.normalised["exact"] += 1
+            maps.tensors["img->txt", kind, index, step] = p.transpose(1, 2).reshape(shape)
+
+    def _attention(self, call, query, key, value, args) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The processor's attention output, and the kernel's logsumexp [B, H, S] when the kernel
+        that returns it is the one SDPA runs for these inputs (checked bit for bit once per input
+        signature; otherwise None, and the output is `call()`'s)."""
+        if not self._needs_lse or not _plain_native(args) or query.requires_grad:
+            return call(), None
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, d], as diffusers
+        choice = int(torch._fused_sdp_choice(q, k, v))
+        sig = (choice, q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride())
+        if self._kernels.get(sig) is False:
+            return call(), None
+        got = _sdpa_with_lse(choice, q, k, v)
+        if got is None:
+            self._kernels[sig] = False
+            return call(), None
+        out, lse = got
+        if sig not in self._kernels:  # the first time: exactly the plain output, or never used
+            plain = call()
+            self._kernels[sig] = _same(out, plain) and _lse_matches(lse, q, k)
+            if not self._kernels[sig]:
+                return plain, None
+        return out, lse
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, R, H, d] . b [B, C, H, d] -> [B, H, R, C] float32 (low-precision inputs multiplied
+    with float32 accumulation and output on CUDA, else cast first)."""
+    bsz, r, h, d = a.shape
+    a3 = a.transpose(1, 2).reshape(bsz * h, r, d)
+    b3 = b.transpose(1, 2).reshape(bsz * h, b.shape[1], d).transpose(1, 2)
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(a3, b3, out_dtype=torch.float32).view(bsz, h, r, -1)
+        except (RuntimeError, TypeError):  # a torch without bmm's out_dtype
+            pass
+    return torch.bmm(a3.float(), b3.float()).view(bsz, h, r, -1)
+
+
+# -- the attention call, watched -------------------------------------------------------------------
+_LISTENERS: list[AttentionTrace] = []
+_ORIGINAL: dict[str, object] = {}
+
+
+def _listen(trace: AttentionTrace) -> None:
+    """Route FluxAttnProcessor's attention calls through `_dispatch` while a trace is open."""
+    import diffusers.models.transformers.transformer_flux as flux
+
+    if not _LISTENERS:
+        _ORIGINAL["fn"] = flux.dispatch_attention_fn
+        flux.dispatch_attention_fn = _dispatch
+    _LISTENERS.append(trace)
+
+
+def _unlisten(trace: AttentionTrace) -> None:
+    import diffusers.models.transformers.transformer_flux as flux
+
+    if trace in _LISTENERS:
+        _LISTENERS.remove(trace)
+        if not _LISTENERS:
+            flux.dispatch_attention_fn = _ORIGINAL.pop("fn")
+
+
+def _dispatch(query, key, value, *args, **kwargs):
+    """diffusers' `dispatch_attention_fn` with the open traces shown its q and k [B, S, H, d]."""
+    original = _ORIGINAL["fn"]
+    listeners = [t for t in _LISTENERS if t._current is not None]
+    if not listeners:
+        return original(query, key, value, *args, **kwargs)
+
+    def call():
+        return original(query, key, value, *args, **kwargs)
+
+    first = next((t for t in listeners if t._needs_lse), listeners[0])
+    out, lse = first._attention(call, query, key, value, (args, kwargs))
+    for trace in listeners:
+        trace._record(query, key, lse)
+    return out
+
+
+def _plain_native(call_args: tuple) -> bool:
+    """Whether a `dispatch_attention_fn` call is a plain SDPA call (diffusers' native backend, no
+    mask, dropout, causality, scale, GQA or context parallelism)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    args, kwargs = call_args
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "attention_kwargs")
+    given = dict(zip(names, args)) | kwargs
+    if any(given.get(n) for n in names) or given.get("parallel_config") is not None:
+        return False
+    backend = given.get("backend")
+    if backend is None:
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return backend in (AttentionBackendName.NATIVE, "native")
+
+
+def _sdpa_with_lse(choice: int, q, k, v) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The output [B, S, H, d] (laid out as diffusers' native backend returns it) and logsumexp
+    [B, H, S] of the fused kernel `choice` (torch's SDPBackend), or None where there is none."""
+    from torch.nn.attention import SDPBackend
+
+    aten = torch.ops.aten
+    flash, efficient, cudnn = (
+        int(b.value)
+        for b in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+        )
+    )
+    try:
+        if q.device.type == "cpu" and choice == flash:
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        elif choice == flash:
+            out, lse = aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        elif choice == efficient:
+            out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        elif choice == cudnn:
+            out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        else:
+            return None
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return None
+    if lse.dim() == 4:  # cuDNN: [B, H, S, 1]
+        lse = lse[..., 0]
+    lse = lse[:, :, : q.shape[2]]  # memory-efficient attention pads S to a multiple of 32
+    if lse.shape != q.shape[:3]:
+        return None
+    return out.permute(0, 2, 1, 3), lse.float()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def _lse_matches(lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel's logsumexp [B, H, S] is the natural logsumexp of the scaled scores, on
+    the first, middle and last query."""
+    rows = torch.tensor([0, q.shape[2] // 2, q.shape[2] - 1], device=q.device)
+    s = q.index_select(2, rows).float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return bool(torch.allclose(lse.index_select(2, rows), s.logsumexp(-1), rtol=1e-4, atol=1e-3))
 
 
 # -- text tokens -----------------------------------------------------------------------------------
@@ -536,13 +788,13 @@ def token_indices(
 
 # -- files -----------------------------------------------------------------------------------------
 def save_attention(maps: AttentionMaps, path: str | Path) -> Path:
-    """Write `maps` as one safetensors file (tensors plus JSON metadata), atomically."""
+    """Write `maps` as one safetensors file (tensors plus JSON metadata), atomically.
+
+    For maps of a capture, `run_capture(..., attention=AttentionOptions(...))` keeps them in the
+    capture's own files instead (`cap.attention`); this file is for maps recorded on their own."""
     from safetensors.torch import save_file
 
-    tensors = {"/".join(map(str, key)): t.contiguous() for key, t in maps.tensors.items()}
-    tensors |= {
-        "/".join(map(str, ("txt->txt", *key))): t.contiguous() for key, t in maps.to_text.items()
-    }
+    tensors = maps.to_tensors()
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_path(path, needed=nbytes) as tmp:
         save_file(tensors, str(tmp), metadata={"flux_ir": json.dumps(maps.metadata())})
@@ -561,21 +813,7 @@ def load_attention(path: str | Path) -> AttentionMaps:
         raise CaptureFileError(f"cannot read attention maps from {path}: {err}") from err
     if md.get("format") != FORMAT:
         raise CaptureFileError(f"{path} is not a flux-ir attention file (save_attention's)")
-    heads = md["heads"]
-    maps = AttentionMaps(
-        tokens=tuple(md["tokens"]),
-        token_indices=tuple(md["token_indices"]),
-        directions=tuple(md["directions"]),
-        heads=heads if heads == "mean" else tuple(heads),
-        pass_name=md["pass_name"],
-        num_blocks=md["num_blocks"],
-        num_steps=md["num_steps"],
-        grid=None if md["grid"] is None else tuple(md["grid"]),
-    )
-    for name, t in tensors.items():
-        direction, kind, block, step = name.split("/")
-        if direction == "txt->txt":
-            maps.to_text[kind, int(block), int(step)] = t
-        else:
-            maps.tensors[direction, kind, int(block), int(step)] = t
-    return maps
+    try:
+        return AttentionMaps.from_tensors(md, tensors)
+    except CaptureFileError as err:
+        raise CaptureFileError(f"{path}: {err}") from err

@@ -11,6 +11,7 @@ selected step, the denoising context and the metadata (`flux_ir.capture.schema`)
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from flux_ir.capture.attention import AttentionOptions, AttentionTrace
 from flux_ir.capture.copy import HostCopier
 from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.schema import Capture, build_capture
@@ -41,6 +43,7 @@ def run_capture(
     sink=None,
     progress: bool = True,
     edits: Sequence[tuple[Site, Edit]] = (),
+    attention: AttentionOptions | None = None,
 ) -> tuple[list[Image.Image], Capture]:
     """Run `pipe` once with block hooks; return the generated images and the `Capture`.
 
@@ -50,6 +53,8 @@ def run_capture(
     the denoising context and metadata. `progress` shows a denoising progress bar. `edits`
     ([(Site, Edit)], see `flux_ir.intervene`) change block outputs while the capture records them:
     the capture holds the edited activations and its metadata lists the edits (`interventions`).
+    `attention` (an `AttentionOptions`) also records joint attention maps (`AttentionTrace`) into
+    the capture: `cap.attention[kind, block, step]`, saved in its files.
     """
     sampling = opts.sampling
     transformer = pipe.transformer
@@ -80,7 +85,18 @@ def run_capture(
     intervention = Intervention(
         transformer, edits, passes_per_step=sampling.passes_per_step, num_steps=sampling.num_steps
     )
-    with intervention, trace:  # the edits' hooks run first, so the trace records edited outputs
+    maps = (
+        contextlib.nullcontext()
+        if attention is None
+        else AttentionTrace(
+            transformer,
+            attention,
+            num_steps=sampling.num_steps,
+            passes_per_step=sampling.passes_per_step,
+        )
+    )
+    # the edits' hooks run first, so the trace records edited outputs
+    with intervention, trace, maps:
         out = generate(
             pipe,
             sampling,
@@ -119,7 +135,9 @@ def run_capture(
         **({"interventions": intervention.describe()} if edits else {}),
         **(extra_metadata or {}),
     }
-    capture = build_capture(trace.records, sigmas, guidance, final["latents"], metadata)
+    capture = build_capture(
+        trace.records, sigmas, guidance, final["latents"], metadata, getattr(maps, "passes", None)
+    )
     return out.images, capture
 
 

@@ -14,6 +14,17 @@ CFG ran). Keys are `block_{i}`; the stored lists run over the captured steps, an
 steps and model block indices, negative ones counting from the end: `cap["single", -1, -1]` is the last
 single block at the last denoising step, and a step or block that was not captured is a KeyError
 saying which were. `cap.stack("single")` gives [blocks, steps, B, tokens, D] in one tensor.
+
+Attention maps recorded with the capture (`run_capture(..., attention=AttentionOptions(...))`, see
+`flux_ir.capture.attention`) are `cap.attention` (the conditional pass; `cap.attention_uncond` for
+true CFG's unconditional one, when asked for), indexed like the blocks:
+    cap.attention["double", 0, -1]                # [B, T, H/16, W/16]: T chosen text tokens' maps
+    cap.attention["single", 3, 5, "img->txt"]     # naming the direction when both were recorded
+    cap.attention.to_text["single", 3, 5]         # [B, T, L]: the txt->img rows' text part
+    cap.attention.tokens                          # ("circle", "background"): the names of T
+They are saved in the capture's own files (`to_dict()["attention"]` in a `.pt` file, covered by its
+sha256; `attention.safetensors` in a shard directory, with its checksums in the manifest) and read
+by the same loader, a map only when it is indexed. Captures without maps have `attention` None.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flux_ir.capture.attention import AttentionMaps
 from flux_ir.errors import CaptureFileError
 from flux_ir.io.atomic import human_bytes
 
@@ -42,6 +54,8 @@ class Capture:
         default_factory=dict
     )
     single_blocks_uncond: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    attention: AttentionMaps | None = None
+    attention_uncond: AttentionMaps | None = None
 
     # -- schema ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +68,12 @@ class Capture:
         if self.double_blocks_uncond or self.single_blocks_uncond:
             out["double_blocks_uncond"] = self.double_blocks_uncond
             out["single_blocks_uncond"] = self.single_blocks_uncond
+        attention = self.attention_passes
+        if attention:
+            out["attention"] = {
+                name: {"metadata": maps.metadata(), "tensors": maps.to_tensors()}
+                for name, maps in attention.items()
+            }
         return out
 
     @classmethod
@@ -65,7 +85,19 @@ class Capture:
             metadata=data["metadata"],
             double_blocks_uncond=data.get("double_blocks_uncond", {}),
             single_blocks_uncond=data.get("single_blocks_uncond", {}),
+            **attention_fields(
+                {
+                    name: AttentionMaps.from_tensors(entry["metadata"], entry["tensors"])
+                    for name, entry in data.get("attention", {}).items()
+                }
+            ),
         )
+
+    @property
+    def attention_passes(self) -> dict[str, AttentionMaps]:
+        """The recorded attention maps by pass ("cond", "uncond"); empty without maps."""
+        both = {"cond": self.attention, "uncond": self.attention_uncond}
+        return {name: maps for name, maps in both.items() if maps is not None}
 
     # -- guessable access ------------------------------------------------------------------------
     def blocks(self, kind: str, uncond: bool = False) -> dict:
@@ -105,12 +137,14 @@ class Capture:
         lazy = any(not isinstance(v, list) for kind in KINDS for v in self.blocks(kind).values())
         size = "lazy, on disk" if lazy else human_bytes(self.nbytes)
         steps = self.captured_steps
+        maps = next(iter(self.attention_passes.values()), None)
+        attention = "" if maps is None else f", attention of {list(maps.tokens)}"
         return (
             f"Capture({md.get('model')!s}, {prompt!r}, {md.get('width')}x{md.get('height')}, "
             f"steps {_ranges(steps)} of {md.get('num_steps')}, blocks {blocks}, "
             f"streams {self.streams}{', reduce ' + self.reduction if self.reduction else ''}"
             f"{', true CFG' if self.has_uncond else ''}, {md.get('store_dtype') or md.get('dtype')}, "
-            f"{size})"
+            f"{size}{attention})"
         )
 
     @property
@@ -238,8 +272,10 @@ def build_capture(
     guidance: float | None,
     final_latents: torch.Tensor,
     metadata: dict,
+    attention: dict[str, AttentionMaps] | None = None,
 ) -> Capture:
-    """Assemble the original tool's schema from a trace's per-pass records ("cond", "uncond")."""
+    """Assemble the original tool's schema from a trace's per-pass records ("cond", "uncond"), with
+    the attention maps recorded beside them (by pass name, as `AttentionTrace.passes`)."""
     cond = records["cond"]
     n = len(cond.img_state)
     context = {
@@ -257,6 +293,7 @@ def build_capture(
         single_blocks=_single(cond),
         denoising_context=context,
         metadata=plain(metadata),
+        **attention_fields(attention or {}),
     )
     if "uncond" in records:
         unc = records["uncond"]
@@ -264,6 +301,12 @@ def build_capture(
         cap.double_blocks_uncond = _double(unc)
         cap.single_blocks_uncond = _single(unc)
     return cap
+
+
+def attention_fields(passes: dict[str, AttentionMaps]) -> dict[str, AttentionMaps]:
+    """`Capture` keyword arguments for maps by pass name: {"attention": cond, "attention_uncond": ...}."""
+    names = {"cond": "attention", "uncond": "attention_uncond"}
+    return {names[name]: maps for name, maps in passes.items()}
 
 
 def _double(rec: PassRecord) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -6,7 +6,8 @@
     cap = load_capture("run/intermediates/capture_20260101_120000_flux-dev.pt", verify=True)
     checked = verify_capture("run/intermediates/capture_20260101_120000_flux-dev.pt")  # files, nbytes
 
-Loading uses `torch.load(weights_only=True)`: no pickled code runs. `save_capture` hashes the bytes
+Loading uses `torch.load(weights_only=True)`: no pickled code runs. Attention maps recorded with
+the capture (`cap.attention`) are in the same file, under `"attention"`, memory-mapped like the rest. `save_capture` hashes the bytes
 as torch writes them and records the digest in a one-line `sha256sum` file beside the capture,
 written (atomically) after it; `verify=True` re-reads the whole file and compares. Files written
 before flux-ir recorded digests have none: verifying them raises `CaptureFileError` ("no checksums
@@ -116,7 +117,10 @@ def load_capture(path: str | Path, mmap: bool = True, verify: bool = False) -> C
         raise CaptureFileError(
             f"{path} is not a flux-ir capture: expected keys {list(REQUIRED_KEYS)}, found {found}"
         )
-    return Capture.from_dict(data)
+    try:
+        return Capture.from_dict(data)
+    except CaptureFileError as err:  # attention maps that are not flux-ir's
+        raise CaptureFileError(f"{path}: {err}") from err
 
 
 def verify_capture(path: str | Path) -> Verified:

@@ -9,8 +9,11 @@ Layout of the directory:
     cond_step_0000.safetensors   double.{i}.img [B, N, D], double.{i}.txt [B, L, D], single.{i} [B, L+N, D]
     uncond_step_0000.safetensors (true CFG only)
     context.safetensors          img_state.{k}, y.{k}, temb.{k} (+ _uncond), final_latents
+    attention.safetensors        only with attention maps (`cap.attention`): {pass}/{direction}/{kind}/
+                                 {block}/{step} [B, T, H/16, W/16] and {pass}/txt->txt/... [B, T, L]
     manifest.json                metadata, scalar context, shard names and byte sizes, checksums
-                                 (sha256 of each file, CRC-32 of each tensor's bytes; written last)
+                                 (sha256 of each file, CRC-32 of each tensor's bytes; written last),
+                                 the attention maps' metadata per pass
 
 Tensors of single blocks hold what the `.pt` format holds (`[txt; img]`, or the captured stream).
 The run is written into a hidden temporary directory renamed into place by `finish`, so a directory
@@ -33,14 +36,15 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from flux_ir.capture.schema import Capture, joint_single
+from flux_ir.capture.attention import AttentionMaps
+from flux_ir.capture.schema import Capture, attention_fields, joint_single
 from flux_ir.errors import CaptureFileError, FluxIRError
 from flux_ir.io.atomic import disk_full_error, remove_stale_temporaries, sha256_file, temp_path
 
@@ -48,6 +52,7 @@ FORMAT = "flux-ir-shards"
 VERSION = 2  # 2: with "checksums"; 1 (flux-ir 0.1): without
 MANIFEST = "manifest.json"
 CONTEXT = "context.safetensors"
+ATTENTION = "attention.safetensors"
 ST_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -199,6 +204,24 @@ class ShardWriter:
                 scalars[key] = value
         digest = write_safetensors(tensors, self.tmp / CONTEXT, self.path / CONTEXT)
         self.bytes_written += digest.size
+        checksums = {**self.checksums, CONTEXT: digest.to_json()}
+        attention = {}
+        if capture.attention_passes:
+            maps = {
+                f"{name}/{key}": t
+                for name, pass_maps in capture.attention_passes.items()
+                for key, t in pass_maps.to_tensors().items()
+            }
+            digest = write_safetensors(maps, self.tmp / ATTENTION, self.path / ATTENTION)
+            self.bytes_written += digest.size
+            checksums[ATTENTION] = digest.to_json()
+            attention = {
+                "attention": {
+                    "file": ATTENTION,
+                    "size": digest.size,
+                    "passes": {n: m.metadata() for n, m in capture.attention_passes.items()},
+                }
+            }
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -206,7 +229,8 @@ class ShardWriter:
             "context": scalars,
             "passes": sorted({n.split("_step_")[0] for n in self.shards}),
             "shards": self.shards,
-            "checksums": {**self.checksums, CONTEXT: digest.to_json()},
+            "checksums": checksums,
+            **attention,
         }
         text = json.dumps(manifest, indent=1)
         try:
@@ -260,6 +284,45 @@ class ShardReader:
                 f"{path} is not a readable capture shard (truncated or corrupted?): {err}. "
                 "Re-run the capture to regenerate it."
             ) from err
+
+
+class LazyTensors(Mapping):
+    """The tensors of one file whose names start with `prefix` (the prefix taken off), read from it
+    only when indexed; its header is read when the names are first listed."""
+
+    def __init__(self, reader: ShardReader, name: str, prefix: str = ""):
+        self.reader, self.name, self.prefix = reader, name, prefix
+        self._names: list[str] | None = None
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            from safetensors import SafetensorError, safe_open
+
+            path = self.reader.dir / self.name
+            self.reader.opened.add(self.name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    keys = list(f.keys())
+            except (SafetensorError, OSError) as err:
+                raise CaptureFileError(
+                    f"{path} is not a readable capture file (truncated or corrupted?): {err}. "
+                    "Re-run the capture to regenerate it."
+                ) from err
+            n = len(self.prefix)
+            self._names = [k[n:] for k in keys if k.startswith(self.prefix)]
+        return self._names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.reader.get(self.name, self.prefix + name)
+        if t is None:
+            raise KeyError(name)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
 
 
 class LazySteps(Sequence):
@@ -343,8 +406,9 @@ def verify_shards(directory: str | Path) -> tuple[int, int]:
             f"{directory}: no checksums recorded in its {MANIFEST} (written by flux-ir 0.1), so it "
             "cannot be verified; load it without verify."
         )
-    names = [*manifest["shards"], CONTEXT]
+    names = [*manifest["shards"], CONTEXT, *([ATTENTION] if "attention" in manifest else [])]
     _check_sizes(directory, manifest["shards"])
+    _check_attention_size(directory, manifest)
     nbytes = 0
     for name in names:
         path = directory / name
@@ -406,6 +470,18 @@ def _check_sizes(directory: Path, shards: dict) -> None:
             )
 
 
+def _check_attention_size(directory: Path, manifest: dict) -> None:
+    entry = manifest.get("attention")
+    if entry is None:
+        return
+    if not isinstance(entry, dict) or not isinstance(entry.get("passes"), dict):
+        raise CaptureFileError(
+            f"{directory / MANIFEST} is damaged: 'attention' is not what flux-ir writes; re-run "
+            "the capture."
+        )
+    _check_sizes(directory, {ATTENTION: entry.get("size")})
+
+
 def open_shards(directory: str | Path, verify: bool = False) -> Capture:
     """A `Capture` whose block tensors are read lazily from the shards; the context is loaded.
 
@@ -418,6 +494,7 @@ def open_shards(directory: str | Path, verify: bool = False) -> Capture:
         verify_shards(directory)
     manifest = read_manifest(directory)
     _check_sizes(directory, manifest["shards"])
+    _check_attention_size(directory, manifest)
     try:
         tensors = load_file(directory / CONTEXT)
     except Exception as err:  # safetensors raises several error types
@@ -450,6 +527,10 @@ def _capture(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor]) 
         indices = md[f"captured_{kind}_blocks"]
         return {f"block_{i}": LazySteps(reader, pass_name, kind, i, steps) for i in indices}
 
+    attention = {
+        name: AttentionMaps.from_tensors(meta, LazyTensors(reader, ATTENTION, f"{name}/"))
+        for name, meta in manifest.get("attention", {}).get("passes", {}).items()
+    }
     cap = Capture(
         double_blocks=blocks("cond", "double"),
         single_blocks=blocks("cond", "single"),
@@ -457,6 +538,7 @@ def _capture(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor]) 
         metadata=md,
         double_blocks_uncond=blocks("uncond", "double"),
         single_blocks_uncond=blocks("uncond", "single"),
+        **attention_fields(attention),
     )
     cap.reader = reader
     return cap
