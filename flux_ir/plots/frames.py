@@ -4,9 +4,9 @@
     frame.shape                                  # (160, 128, 3) uint8: sides multiples of 16
     write_movie("red.gif", [frame, frame], fps=4)           # GIF, looping (Pillow)
 
-`write_movie` writes GIF through imageio's Pillow plugin and MP4 (H.264, yuv420p, playable in
-browsers) through imageio's ffmpeg plugin with the ffmpeg binary of the `imageio-ffmpeg` wheel; both
-under a temporary name, renamed when complete. Frame sides are multiples of 16, as H.264 encoders
+`write_movie` writes GIF with Pillow (a fast octree palette per frame) and MP4 (H.264, yuv420p,
+playable in browsers) through imageio's ffmpeg plugin with the ffmpeg binary of the `imageio-ffmpeg`
+wheel; both under a temporary name, renamed when complete. Frame sides are multiples of 16, as H.264 encoders
 want them, so the MP4 is not rescaled.
 """
 
@@ -46,7 +46,6 @@ def labelled_frame(image: Image.Image | np.ndarray, caption: str, size: int = 25
 def write_movie(path: str | Path, frames: Sequence[np.ndarray], fps: float = 4.0) -> Path:
     """Write frames (uint8 [H, W, 3], all one size) as a GIF (looping) or an MP4, by the suffix."""
     import imageio.v2 as imageio
-    import imageio.v3 as iio
 
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
@@ -56,8 +55,22 @@ def write_movie(path: str | Path, frames: Sequence[np.ndarray], fps: float = 4.0
         raise ValueError("a movie needs at least one frame")
     stack = np.stack([np.asarray(f, dtype=np.uint8) for f in frames])  # [T, H, W, 3]
     with atomic_path(path) as tmp:
-        if kind == "gif":
-            iio.imwrite(tmp, stack, extension=".gif", duration=1000.0 / fps, loop=0)
+        if kind == "gif":  # Pillow's fast octree palette per frame (its default is much slower)
+            images = [
+                Image.fromarray(f).quantize(
+                    256, Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE
+                )
+                for f in stack
+            ]
+            images[0].save(
+                tmp,
+                format="GIF",
+                save_all=True,
+                append_images=images[1:],
+                duration=round(1000.0 / fps),
+                loop=0,
+                optimize=False,
+            )
         else:
             with imageio.get_writer(
                 tmp,
