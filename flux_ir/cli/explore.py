@@ -14,7 +14,7 @@ def explore(
     device: str | None = None,
     batch_size: int = 4,
     embedder: str = "pixel",
-    clip_model: str | None = None,
+    clip_model: str = "openai/clip-vit-large-patch14",
     open_browser: bool = False,
 ) -> None:
     """Serve the explorer for the sweeps and capture runs in DIR, on http://HOST:PORT/, until Ctrl-C.

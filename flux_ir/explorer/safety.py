@@ -2,7 +2,7 @@
 
     root = Path("output").resolve()
     inside(root, "sweep/images/a000_b000.png")    # output/sweep/images/a000_b000.png
-    inside(root, "../secret")                      # raises Forbidden: no ".." at all
+    # inside(root, "../secret") raises Forbidden: no ".." at all
     media_type(Path("a.png"))                      # "image/png"; None for .html, .js, .svg, ...
 
 A relative path is refused when it is absolute, holds a ".." part, a backslash or a NUL, names a

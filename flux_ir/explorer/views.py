@@ -1,6 +1,7 @@
 """The explorer's data as JSON-ready dicts: the served folder's sweeps and capture runs, a sweep's grid
 (points, norms, Lipschitz overlays, per-step phase maps, zoom links) and a capture run's blocks.
 
+    root = sweep_dir.parent.resolve()            # the served folder
     entries = list_entries(root)                 # [{"path": "sweep", "kind": "sweep", ...}, ...]
     view = sweep_view(root, root / "sweep")      # grid, points (image URLs, norms), overlays, links
     view["points"][0]["image"]                   # "/files/sweep/images/a000_b000.png"

@@ -1,10 +1,11 @@
 """The explorer's computing side: the models it loads, zoomed sub-sweeps generated in the background,
 and lens decodes or metrics made on demand.
 
+    root = sweep_dir.parent               # the folder that holds the sweeps
     models = ModelHost(device="cpu")
     jobs = ZoomJobs(root, models, batch_size=4)
-    job = jobs.submit(root / "sweep", alpha=(0.25, 0.5), beta=(0.0, 0.5), n_alpha=4, n_beta=4)
-    job.wait(); job.state                 # "done"; root / "sweep-zoom1" is a sweep directory
+    job = jobs.submit(root / "sweep", alpha=(0.25, 0.5), beta=(0.0, 0.5), n_alpha=2, n_beta=2)
+    job.wait().state                      # "done"; root / "sweep-zoom1" is a sweep directory
 
 A zoom is `flux_ir.sweep.run_sweep` with the parent sweep's settings and a sub-range `GridSpec` (any
 range: inside [0, 1] to zoom in, beyond it to look further), run by one worker thread, one zoom at a

@@ -1,5 +1,7 @@
 """Heatmaps of a capture's per-block metrics: blocks down (depth order), denoising steps across.
 
+    from flux_ir.analysis.block_metrics import block_metrics
+
     df = block_metrics(cap)
     fig = metric_heatmap(df, "cosine_to_last", stream="img")      # a matplotlib Figure
     paths = save_metric_heatmaps(df, "heatmaps")                  # one PNG per metric and stream

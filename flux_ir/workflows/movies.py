@@ -4,7 +4,7 @@ point's x0 estimate over the steps (a sweep that kept step images), as GIF and M
     run_dir = capture_to_dir(pipe, spec, opts, "output")        # decodes every block (x0)
     paths = animate(run_dir, fps=2, single_blocks="-1", double_blocks="none")
     # output/<run>/movies/single_block_3_x0.gif, .mp4: one frame per captured step, labelled
-    paths = animate(sweep_dir, points="0", formats=("gif",), pipe=pipe)   # decodes phases if needed
+    # animate(sweep_dir, points="0,4"): a sweep made with --phases --phase_images N
 
 A capture run's frames are its lens decodes in `decoded/` (target x0) or `decoded_next/`; decodes
 that are missing are made with `pipe` (and saved there), so a run captured without decoding, or a

@@ -2,6 +2,7 @@
 a capture run keeps its files.
 
     kind = run_kind(sweep_dir)                    # "sweep" (or "capture", or None)
+    run_dir = capture_to_dir(pipe, spec, opts, "output")
     run = CaptureRun.open(run_dir)                # a capture run's files, found by their names
     run.capture_path, run.metadata["num_steps"]   # intermediates/capture_*.pt (or a shard folder)
     run.lens_file(BlockStep("single", 3, 1), "next")   # .../decoded_next/single_block_3_step_1.jpg
