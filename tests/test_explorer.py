@@ -268,3 +268,40 @@ def test_the_capture_endpoints_give_blocks_lens_decodes_and_metrics(served):
     last = [r for r in metrics["rows"] if r["name"] == "single 3"]
     assert all(r["cosine_to_last"] == pytest.approx(1.0, abs=1e-5) for r in last)
     assert (served["run"] / "intermediates" / "block_metrics.csv").is_file()
+
+
+def test_a_zoomed_sweep_shows_at_once_with_its_points_pending(served, monkeypatch):
+    explorer, gate = served["explorer"], threading.Event()
+    real_get = explorer.models.get
+
+    def slow_get(*args, **kwargs):  # the model is still loading
+        gate.wait(60)
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(explorer.models, "get", slow_get)
+    zoom = {"sweep": "sweep", "alpha": [0.0, 0.1], "beta": [0.0, 0.1], "n_alpha": 2, "n_beta": 2}
+    status, _, body = request(served, "POST", "/api/zoom", zoom)
+    job = json.loads(body)
+    try:
+        status, view = get_json(served, f"/api/sweep?path={job['sweep']}")
+        assert status == 200 and view["parent"] == "sweep"
+        assert view["done"] == 0 and not any(p["done"] for p in view["points"])
+        assert view["job"]["state"] in ("queued", "loading model") and view["job"]["total"] == 4
+    finally:
+        gate.set()
+    explorer.jobs.jobs[job["job"]].wait(timeout=120)
+    assert get_json(served, f"/api/job?id={job['job']}")[1]["state"] == "done"
+    assert request(served, "HEAD", "/api/entries")[0] == 405
+
+
+def test_the_page_ships_in_the_package():
+    from importlib import resources
+
+    static = resources.files("flux_ir.explorer") / "static"
+    names = {p.name for p in static.iterdir()}
+    assert {"index.html", "app.js", "style.css"} <= names
+    page = (static / "index.html").read_text()
+    assert 'src="/static/app.js"' in page and 'href="/static/style.css"' in page
+    script = (static / "app.js").read_text()
+    assert "http://" not in script.replace('"http://www.w3.org/2000/svg"', "")
+    assert "https://" not in script and "https://" not in page

@@ -147,11 +147,15 @@ def test_sweep_grid_hover_path_zoom_and_undo(driver, served, tmp_path):
 def test_capture_lens_viewer_and_sortable_metrics(driver, served, tmp_path):
     run = served["run"].relative_to(served["root"]).as_posix()
     driver.get(served["url"] + f"#capture={run}")
-    lens_loaded = "const i = document.getElementById('lens-img'); return i.complete && i.naturalWidth > 0"
+    lens_loaded = (
+        "const i = document.getElementById('lens-img'); return i.complete && i.naturalWidth > 0"
+    )
     wait(driver, lambda d: d.execute_script(lens_loaded), "the lens decode")
     rows = "return document.querySelectorAll('#metrics tbody tr').length"
     wait(driver, lambda d: d.execute_script(rows) == 4, "the metrics of step 0 (4 blocks, img)")
-    names = [td.text for td in driver.find_elements("css selector", "#metrics tbody td:first-child")]
+    names = [
+        td.text for td in driver.find_elements("css selector", "#metrics tbody td:first-child")
+    ]
     assert names == ["double 0", "double 3", "single 0", "single 7"]
 
     driver.find_element("css selector", '#metrics th[data-key="norm"]').click()
@@ -176,11 +180,15 @@ def test_capture_lens_viewer_and_sortable_metrics(driver, served, tmp_path):
     )
     wait(
         driver,
-        lambda d: "index=7&step=1&target=next" in d.find_element("id", "lens-img").get_attribute("src")
-        and d.execute_script(lens_loaded),
+        lambda d: (
+            "index=7&step=1&target=next" in d.find_element("id", "lens-img").get_attribute("src")
+            and d.execute_script(lens_loaded)
+        ),
         "the last block's next lens",
     )
     assert driver.find_element("id", "block-value").text.startswith("single 7")
-    assert (served["run"] / "intermediates" / "decoded_next" / "single_block_7_step_1.jpg").is_file()
+    assert (
+        served["run"] / "intermediates" / "decoded_next" / "single_block_7_step_1.jpg"
+    ).is_file()
     driver.save_screenshot(str(tmp_path / "capture.png"))
     assert Image.open(tmp_path / "capture.png").format == "PNG"

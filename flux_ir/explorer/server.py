@@ -296,7 +296,12 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch(self._get)
 
     def do_HEAD(self) -> None:
-        self._dispatch(lambda url, q: self._get(url, q, head=True))
+        def head(url, q):
+            if url.path.startswith("/api/"):
+                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "the API answers GET and POST")
+            self._get(url, q, head=True)
+
+        self._dispatch(head)
 
     def do_POST(self) -> None:
         self._dispatch(self._post)

@@ -166,10 +166,18 @@ class ZoomJobs:
             }
             if read_link(folder) is None:
                 write_text(folder / ZOOM_LINK, json.dumps(link, indent=1))
+            # the directory is a (pending) sweep from now on: the page can show it at once
+            meta = SweepStore(parent).read_metadata() or {}
+            SweepStore(folder).claim(cfg, {**self.phases(meta), "zoomed_from": link["parent"]})
             job = ZoomJob(uuid.uuid4().hex[:12], parent, folder, cfg)
             self.jobs[job.id] = job
             job.future = self._pool.submit(self._run, job)
             return job
+
+    @staticmethod
+    def phases(meta: dict) -> dict:
+        """The per-step phases a parent sweep kept: its zooms keep them too."""
+        return {"phase_pool": meta.get("phase_pool"), "phase_images": meta.get("phase_images")}
 
     def _run(self, job: ZoomJob) -> None:
         from flux_ir.sweep.run import run_sweep
@@ -190,8 +198,7 @@ class ZoomJobs:
                     job.cfg,
                     job.folder,
                     batch_size=self.batch_size,
-                    phase_pool=meta.get("phase_pool"),
-                    phase_images=meta.get("phase_images"),
+                    **self.phases(meta),
                     progress=False,
                     extra_metadata={"zoomed_from": f"../{job.parent.name}", "weights": weights},
                 )
