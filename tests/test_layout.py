@@ -7,6 +7,7 @@ import flux_ir
 
 PACKAGE = Path(flux_ir.__file__).parent
 # models -> sampling -> capture / intervene -> store -> lens -> sweep -> analysis -> plots -> workflows -> cli;
+# the explorer (a web app over sweeps and captures) stands with the command lines
 # flux-toy's training and quality bars live with their command lines
 STAGES = [
     {"errors", "version", "geometry", "io"},
@@ -19,7 +20,7 @@ STAGES = [
     {"analysis"},
     {"plots"},
     {"workflows"},
-    {"cli", "toy"},
+    {"cli", "toy", "explorer"},
 ]
 
 

@@ -402,9 +402,11 @@ def run_fire(
 
 def commands() -> dict[str, Callable]:
     """flux-ir's commands (their modules are light: each imports torch inside its body)."""
+    from flux_ir.cli.animate import animate
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
     from flux_ir.cli.harvest import harvest
+    from flux_ir.cli.explore import explore
     from flux_ir.cli.patch import patch
     from flux_ir.cli.sweep import analyze, sweep
     from flux_ir.cli.verify import verify
@@ -417,6 +419,8 @@ def commands() -> dict[str, Callable]:
         "verify": verify,
         "patch": patch,
         "harvest": harvest,
+        "explore": explore,
+        "animate": animate,
     }
 
 
