@@ -405,8 +405,8 @@ def commands() -> dict[str, Callable]:
     from flux_ir.cli.animate import animate
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
-    from flux_ir.cli.harvest import harvest
     from flux_ir.cli.explore import explore
+    from flux_ir.cli.harvest import harvest
     from flux_ir.cli.patch import patch
     from flux_ir.cli.sweep import analyze, sweep
     from flux_ir.cli.verify import verify
