@@ -70,6 +70,13 @@ def namespace(tmp_path_factory):
     sel = Selection(double_blocks=(0,), single_blocks=(), steps=(0, 1))
     other = CaptureOptions.from_spec(spec, seed=2, width=64, height=64, num_steps=2)
     cmap = causal_map(pipe, opts, other, selection=sel, progress=False)
+    from flux_ir.workflows.harvest import HarvestOptions, read_prompts, run_harvest
+
+    (root / "prompts.txt").write_text("a cat\na dog\n")
+    entries = read_prompts(root / "prompts.txt", spec, width=32, height=32, num_steps=2)
+    harvest_dir = root / "harvest"
+    sel = Selection.parse("none", "3", streams="img")
+    run_harvest(pipe, entries, harvest_dir, HarvestOptions(sel), progress=False)
     names = {}
     for package in PUBLIC:
         module = importlib.import_module(package)
@@ -81,7 +88,7 @@ def namespace(tmp_path_factory):
     return {
         **names, "flux_ir": flux_ir, "torch": torch, "np": np, "Path": Path,
         "grid_norms": grid_norms, "block_importance": block_importance, "point_row": point_row, "make_scenes": make_scenes,
-        "spec": spec, "opts": opts, "cap": cap, "cmap": cmap, "path": path, "cfg": cfg, "sweep_dir": sweep_dir,
+        "spec": spec, "opts": opts, "cap": cap, "harvest_dir": harvest_dir, "cmap": cmap, "path": path, "cfg": cfg, "sweep_dir": sweep_dir,
         "paths": sorted((sweep_dir / "images").glob("*.png")),
     }  # fmt: skip
 

@@ -262,6 +262,7 @@ def test_two_processes_share_the_shards(tiny, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_harvest

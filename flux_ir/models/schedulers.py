@@ -2,7 +2,8 @@
 FluxPipeline in their flow-matching configurations, by name.
 
     scheduler = use_scheduler(pipe, "dpm++2m")       # pipe.scheduler is now DPM-Solver++ (2M)
-    generate(pipe, SamplingOptions.from_spec(spec, scheduler="unipc"), seed=1)   # or per call
+    opts = SamplingOptions.from_spec(spec, scheduler="unipc", width=32, height=32)
+    generate(pipe, opts, seed=1)                     # or per call: generate puts it in place
     use_scheduler(pipe, "euler") is base_scheduler(pipe)                         # back to FLUX's own
 
 Every solver is built from the pipeline's own Euler scheduler's configuration, so it follows the same

@@ -1,12 +1,13 @@
-"""Batch capture into an activation dataset: many prompts and seeds, chosen blocks' token vectors,
+r"""Batch capture into an activation dataset: many prompts and seeds, chosen blocks' token vectors,
 streamed into safetensors shards with an index table (`flux_ir.store.dataset`), resumable.
 
-    entries = read_prompts(prompt_file, spec, seeds_per_prompt=2)        # .txt, .csv or .yaml
+    Path("prompts.txt").write_text("a red circle\na blue square\n")    # or .csv, .yaml
+    entries = read_prompts("prompts.txt", spec, seeds_per_prompt=2, width=32, height=32, num_steps=2)
     opts = HarvestOptions(Selection.parse(single_blocks="3", streams="img"), tokens_per_image=4)
     plan = plan_harvest(entries, opts, pipeline_architecture(pipe), "float32")
-    print(plan.describe())                                               # the size, before any work
+    print(plan.describe())                        # the size, before any work
     result = run_harvest(pipe, entries, "output/harvest", opts, model_name=spec.name)
-    ds = open_dataset("output/harvest")                                  # see flux_ir.store.dataset
+    ds = open_dataset("output/harvest")           # see flux_ir.store.dataset
 
 The prompts and their seeds make the items (one image each: entry by entry, seed by seed); items with
 the same sampling settings are generated together in batches of `batch_size`, and consecutive batches
@@ -380,35 +381,56 @@ class BatchPlan:
     prompts: list[str]
     seeds: list[int]
     selection: Selection  # resolved against the model and this batch's steps
-    positions: list[np.ndarray]  # per item: the image token positions kept
     txt_tokens: int
     img_tokens: int  # per image and record (after reduction and subsampling)
     all_img_tokens: bool  # no subsampling: every image token is kept
     passes: int  # passes per step recorded (2: cond and uncond)
+    key: SamplingOptions  # the settings without the prompt (what a batch shares)
+    image_tokens: int  # per image before subsampling (after any reduction)
+    token_seed: int
+
+    @property
+    def positions(self) -> list[np.ndarray]:
+        """Per item, the image token positions kept (sorted; drawn from (token_seed, item))."""
+        if self.all_img_tokens:
+            return [np.arange(self.image_tokens, dtype=np.int32)] * len(self.items)
+        return [
+            np.sort(
+                np.random.default_rng([self.token_seed, item]).choice(
+                    self.image_tokens, size=self.img_tokens, replace=False
+                )
+            ).astype(np.int32)
+            for item in self.items
+        ]
 
 
 @dataclass
 class ShardPlan:
     index: int
     batches: list[BatchPlan]
-    records: list[Record]
     rows: int
     nbytes: int
 
+    @property
+    def records(self) -> list[Record]:
+        """Every record in row order (made when the shard is written, not when it is planned)."""
+        return [r for batch in self.batches for r in _batch_records(batch)]
+
     def record_arrays(self) -> dict[str, np.ndarray]:
+        records = self.records
         offset, offsets = 0, []
-        for r in self.records:
+        for r in records:
             offsets.append(offset)
             offset += r.count
         cols = {
-            "item": [r.item for r in self.records],
-            "step": [r.step for r in self.records],
-            "pass": [r.pass_index for r in self.records],
-            "kind": [r.kind for r in self.records],
-            "block": [r.block for r in self.records],
-            "stream": [r.stream for r in self.records],
+            "item": [r.item for r in records],
+            "step": [r.step for r in records],
+            "pass": [r.pass_index for r in records],
+            "kind": [r.kind for r in records],
+            "block": [r.block for r in records],
+            "stream": [r.stream for r in records],
             "offset": offsets,
-            "count": [r.count for r in self.records],
+            "count": [r.count for r in records],
         }
         return {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
 
@@ -417,11 +439,9 @@ class ShardPlan:
         out = []
         for batch in self.batches:
             txt = np.arange(batch.txt_tokens, dtype=np.int32)
+            positions = dict(zip(batch.items, batch.positions))
             for rec in _batch_records(batch):
-                if rec.stream == 0:
-                    out.append(batch.positions[batch.items.index(rec.item)])
-                else:
-                    out.append(txt)
+                out.append(positions[rec.item] if rec.stream == 0 else txt)
         return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
@@ -514,47 +534,52 @@ def plan_harvest(
             )
         key = replace(s, prompt="")
         for seed in entry.seeds:
-            rng = np.random.default_rng([options.token_seed, item])
-            pos = (
-                np.arange(n_img, dtype=np.int32)
-                if k is None
-                else np.sort(rng.choice(n_img, size=k, replace=False)).astype(np.int32)
-            )
             last = batches[-1] if batches else None
-            if (
-                last is None
-                or replace(last.sampling, prompt="") != key
-                or len(last.items) >= options.batch_size
-            ):
+            if last is None or last.key != key or len(last.items) >= options.batch_size:
                 img = n_img if k is None else k
                 p = min(passes, s.passes_per_step)
-                last = BatchPlan(s, [], [], [], resolved, [], n_txt, img, k is None, p)
+                last = BatchPlan(
+                    s,
+                    [],
+                    [],
+                    [],
+                    resolved,
+                    n_txt,
+                    img,
+                    k is None,
+                    p,
+                    key,
+                    n_img,
+                    options.token_seed,
+                )
                 batches.append(last)
             last.items.append(item)
             last.prompts.append(s.prompt)
             last.seeds.append(seed)
-            last.positions.append(pos)
             item += 1
     target = options.shard_mb * (1 << 20)
     shards: list[ShardPlan] = []
     current: list[BatchPlan] = []
-    records: list[Record] = []
+    rows = 0
     for batch in batches:
-        recs = _batch_records(batch)
         current.append(batch)
-        records.extend(recs)
-        rows = sum(r.count for r in records)
+        rows += _batch_rows(batch)
         if rows * width >= target:
-            shards.append(_shard(len(shards), current, records, width))
-            current, records = [], []
+            shards.append(ShardPlan(len(shards), current, rows, rows * (width + 4)))
+            current, rows = [], 0
     if current:
-        shards.append(_shard(len(shards), current, records, width))
+        shards.append(ShardPlan(len(shards), current, rows, rows * (width + 4)))
     return HarvestPlan(list(entries), options, arch, sel.store_dtype or dtype, shards)
 
 
-def _shard(index: int, batches: list, records: list, width: int) -> ShardPlan:
-    rows = sum(r.count for r in records)
-    return ShardPlan(index, list(batches), list(records), rows, rows * width + rows * 4)
+def _batch_rows(batch: BatchPlan) -> int:
+    """Rows of a batch (what `_batch_records` counts, without making the records)."""
+    sel = batch.selection
+    blocks = len(sel.double_blocks) + len(sel.single_blocks)
+    per_image = (batch.img_tokens if sel.streams != "txt" else 0) + (
+        batch.txt_tokens if sel.streams != "img" else 0
+    )
+    return len(batch.items) * len(sel.steps) * batch.passes * blocks * per_image
 
 
 # -- running ---------------------------------------------------------------------------------------
