@@ -14,8 +14,10 @@ the first size), with the `--first` copier; then `--rounds` rounds of plain and 
 the previous capture dropped before the next (medians). `first × plain` divides by plain's median.
 For the first capture: bytes the copier carved from the pool and staged (no region ready yet), and
 the pool's regions made meanwhile. Pool diagnostics (first size): the pool's growth rate (GB/s,
-from empty, its default threads) and `torch.empty(pin_memory=True)`'s for comparison, and a plain
-call made while the pool grows by one capture's size (does page-locking slow the generation?).
+from empty, its default threads; per thread, split into touching the pages and registering them;
+whether huge pages stayed advised), the same with ordinary pages only, `torch.empty(pin_memory=True)`
+for comparison, and a plain call made while the pool grows by one capture's size (does
+page-locking slow the generation?).
 
 Command line, end to end (`--cli_sizes`): `capture_sample.py --should_decode_intermediates False`
 against a plain generation process of the same pipeline (`load_pipeline`, `generate`, the image
@@ -53,7 +55,7 @@ from common import (
 )
 
 from flux_ir.capture import CaptureOptions, Selection, make_copier, run_capture
-from flux_ir.capture.copy import host_pool, make_region, reset_host_pool
+from flux_ir.capture.copy import HostPool, host_pool, make_region, reset_host_pool
 from flux_ir.capture.run import capture_nbytes
 from flux_ir.sampling import SamplingOptions, generate
 
@@ -183,12 +185,25 @@ def pool_diagnostics(plain, plain_median: float, nbytes: int, cuda: bool) -> dic
     pool.reserve(nbytes)
     pool.wait_idle()
     wall = time.perf_counter() - t0
-    out["grow_GBps"] = pool.stats["made_bytes"] / wall / 1e9
-    out["grow_per_thread_GBps"] = pool.stats["made_bytes"] / max(pool.stats["make_s"], 1e-9) / 1e9
+    st = pool.stats
+    out["grow_GBps"] = st["made_bytes"] / wall / 1e9
+    out["grow_per_thread_GBps"] = st["made_bytes"] / max(st["make_s"], 1e-9) / 1e9
+    out["touch_per_thread_GBps"] = st["made_bytes"] / max(st["touch_s"], 1e-9) / 1e9
+    out["register_per_thread_GBps"] = (
+        st["made_bytes"] / max(st["make_s"] - st["touch_s"], 1e-9) / 1e9
+    )
+    out["huge_pages_kept"] = pool.huge_pages
     region = make_region(256 << 20, pool.pin)
     out["registered"] = region.registered  # cudaHostRegister worked (else torch's pinned memory)
     del region
     pool.reserve(-nbytes)
+    reset_host_pool()
+    small = HostPool(huge_pages=False)  # ordinary pages only, for comparison
+    t0 = time.perf_counter()
+    small.reserve(nbytes)
+    small.wait_idle()
+    out["grow_4k_pages_GBps"] = small.stats["made_bytes"] / (time.perf_counter() - t0) / 1e9
+    small.close()
     if cuda:
         n, t0 = 8, time.perf_counter()
         keep = [torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True) for _ in range(n)]

@@ -18,13 +18,13 @@ shared by every copier of the process, wait for the events.
 
 Host tensors are carved from regions of one process-wide pool of page-locked memory (`host_pool()`,
 `HostPool`): the device copies straight into them and nothing is copied on the host. The pool is
-made lazily and grows in background threads: anonymous memory (huge pages advised), touched once
-page by page, then registered with CUDA (`cudaHostRegister`; `torch.empty(pin_memory=True)` where
-registering fails). A region returns to the pool when the last tensor carved from it is dropped, and
-every later copier of the process (the command line's new copier per capture, a notebook's new
-`AsyncCopier()` per cell) takes it from there: it costs what a reused copier costs. The pool keeps
-what it made, up to its budget (a quarter of the host's memory, at most 32 GiB); `trim()` gives it
-back to the system.
+made lazily and grows in background threads: anonymous memory (huge pages advised while the kernel
+finds them quickly), touched once page by page, then registered with CUDA (`cudaHostRegister`;
+`torch.empty(pin_memory=True)` where registering fails). A region returns to the pool when the last
+tensor carved from it is dropped, and every later copier of the process (the command line's new
+copier per capture, a notebook's new `AsyncCopier()` per cell) takes it from there: it finds the
+memory a reused copier would. The pool keeps what it made, up to its budget (a quarter of the
+host's memory, at most 32 GiB); `trim()` gives it back to the system.
 
 When no region is ready (the pool is still growing, or its budget is spent) a copy is staged: the
 device copies into a reused page-locked slab and a shared thread copies it out into an ordinary
@@ -69,6 +69,7 @@ FIRST_REGION = 32 * MiB
 PREFETCH_BYTES = 1 << 30  # what a new pinned copier asks the pool for before it knows the capture
 DRAIN_THREADS = 4
 HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context
+HUGE_PAGES_MIN_GBPS = 2.0  # touched slower with huge pages advised: the pool stops advising them
 
 
 class Event(Protocol):
@@ -144,10 +145,11 @@ class Region:
     it alive, and a callback given to `view` runs once the last of them is dropped.
     """
 
-    __slots__ = ("buffer", "size", "pinned", "registered", "__weakref__")
+    __slots__ = ("buffer", "size", "pinned", "registered", "touch_s", "__weakref__")
 
     def __init__(self, buffer, size: int, pinned: bool, registered: bool, ptr: int = 0):
         self.buffer, self.size, self.pinned, self.registered = buffer, size, pinned, registered
+        self.touch_s = 0.0
         # not at exit: the system takes the memory back with the process
         weakref.finalize(self, _release_region, buffer, ptr, registered).atexit = False
 
@@ -165,26 +167,40 @@ def _keep(region: Region) -> None:
     pass
 
 
-def make_region(size: int, pin: bool) -> Region:
-    """A region of `size` bytes (a multiple of PAGE): anonymous memory with huge pages advised,
-    every page touched once here (the page faults happen in the calling thread), then registered
-    with CUDA when `pin`. Where registering fails, page-locked memory from torch instead."""
-    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+def _advise(buffer: mmap.mmap, name: str) -> None:
+    advice = getattr(mmap, name, None)
+    if advice is not None:
         try:
-            buffer.madvise(mmap.MADV_HUGEPAGE)
+            buffer.madvise(advice)
         except OSError:
             pass
+
+
+def make_region(size: int, pin: bool, huge_pages: bool = True) -> Region:
+    """A region of `size` bytes (a multiple of PAGE): anonymous memory (huge pages advised with
+    `huge_pages`, not inherited by forked processes, as CUDA's own page-locked memory), every page
+    touched once here (the page faults happen in the calling thread; `Region.touch_s` says how
+    long), then registered with CUDA when `pin`. Where registering fails, page-locked memory from
+    torch instead."""
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages:
+        _advise(buffer, "MADV_HUGEPAGE")
+    _advise(buffer, "MADV_DONTFORK")
     array = np.frombuffer(buffer, np.uint8)
+    t0 = time.perf_counter()
     array[::TOUCH] = 0  # first touch, page by page (numpy releases the GIL)
+    touch_s = time.perf_counter() - t0
     ptr = array.ctypes.data
     del array
     if not pin:
-        return Region(buffer, size, False, False)
-    if _register(ptr, size):
-        return Region(buffer, size, True, True, ptr)
-    buffer = None
-    return Region(torch.empty(size, dtype=torch.uint8, pin_memory=True), size, True, False)
+        region = Region(buffer, size, False, False)
+    elif _register(ptr, size):
+        region = Region(buffer, size, True, True, ptr)
+    else:
+        buffer = None
+        region = Region(torch.empty(size, dtype=torch.uint8, pin_memory=True), size, True, False)
+    region.touch_s = touch_s
+    return region
 
 
 def default_pinned_bytes() -> int:
@@ -213,6 +229,8 @@ class HostPool:
         threads: background threads that make regions (default half the CPU cores, 2 to 8).
         keep: bytes of returned regions kept for reuse (default: the budget when pinning, else 0:
             unpinned regions go back to the system at once).
+        huge_pages: advise huge pages for the regions; the pool stops when a region's pages were
+            touched slower than HUGE_PAGES_MIN_GBPS (the kernel compacting memory to find them).
 
     `reserve(nbytes)` asks for `nbytes` more free memory; the growers make regions until free and
     in-making bytes cover what reservations still ask, within the budget. `take(nbytes)` hands out
@@ -229,8 +247,10 @@ class HostPool:
         pin: bool | None = None,
         threads: int | None = None,
         keep: int | None = None,
+        huge_pages: bool = True,
     ):
         self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        self.huge_pages = huge_pages
         self.budget = default_pinned_bytes() if budget is None else int(budget)
         self.region_bytes = round_up(region_bytes, PAGE)
         self.threads = threads or default_grow_threads()
@@ -240,7 +260,9 @@ class HostPool:
         self.making = 0
         self.demand = 0  # bytes reservations still ask for
         self.largest = 0  # the largest tensor a reservation announced
-        self.stats = {"regions": 0, "made_bytes": 0, "make_s": 0.0, "misses": 0, "taken": 0}
+        self.stats = {
+            "regions": 0, "made_bytes": 0, "make_s": 0.0, "touch_s": 0.0, "misses": 0, "taken": 0,
+        }  # fmt: skip
         self._free: list[Region] = []
         self._sizes: list[int] = []  # regions asked for by tensors larger than the usual
         self._burst = 0  # regions made since the pool last ran dry of demand
@@ -387,7 +409,7 @@ class HostPool:
                 self.total += size
             t0 = time.perf_counter()
             try:
-                region = make_region(size, self.pin)
+                region = make_region(size, self.pin, self.huge_pages)
             except Exception:  # out of memory: stop asking; those copies are staged
                 with self._cond:
                     self.making -= size
@@ -400,6 +422,9 @@ class HostPool:
                 self.stats["regions"] += 1
                 self.stats["made_bytes"] += size
                 self.stats["make_s"] += time.perf_counter() - t0
+                self.stats["touch_s"] += region.touch_s
+                if self.huge_pages and size > region.touch_s * HUGE_PAGES_MIN_GBPS * 1e9:
+                    self.huge_pages = False  # compaction stalls: ordinary pages fault faster
                 self._free.append(region)
                 self._cond.notify_all()
 
