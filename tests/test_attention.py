@@ -134,6 +134,7 @@ def test_hooks_are_removed_after_an_exception(tiny):
     pipe = tiny[0]
     opts = small_sampling()
     before = hook_count(pipe.transformer)
+    dispatch = transformer_flux.dispatch_attention_fn
     processors = {
         n: id(m.processor) for n, m in pipe.transformer.named_modules() if n.endswith("attn")
     }
@@ -157,6 +158,9 @@ def test_hooks_are_removed_after_an_exception(tiny):
     assert hook_count(pipe.transformer) == before
     after = {n: id(m.processor) for n, m in pipe.transformer.named_modules() if n.endswith("attn")}
     assert after == processors
+    assert (
+        transformer_flux.dispatch_attention_fn is dispatch
+    )  # the attention call is diffusers' again
     assert torch.equal(latents(pipe, opts), reference)
     assert trace.maps.steps == [0, 1]  # what was recorded before the interruption stays
 
@@ -404,3 +408,15 @@ def test_a_damaged_attention_file_is_named(attention_capture, tmp_path):
     f.unlink()
     with pytest.raises(CaptureFileError, match="attention.safetensors is truncated or missing"):
         load_capture(copy)
+
+
+def test_a_foreign_attention_entry_is_refused(tmp_path):
+    data = {"double_blocks": {}, "single_blocks": {}, "denoising_context": {}, "metadata": {}}
+    for entry, match in (
+        ({"cond": {"metadata": {"format": "other"}, "tensors": {}}}, "format 'other'"),
+        ({"cond": {"tensors": {}}}, "'attention' entry is not flux-ir attention maps"),
+    ):
+        torch.save({**data, "attention": entry}, tmp_path / "capture.pt")
+        with pytest.raises(CaptureFileError, match=match) as err:
+            load_capture(tmp_path / "capture.pt")
+        assert "capture.pt" in str(err.value)

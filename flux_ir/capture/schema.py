@@ -85,12 +85,7 @@ class Capture:
             metadata=data["metadata"],
             double_blocks_uncond=data.get("double_blocks_uncond", {}),
             single_blocks_uncond=data.get("single_blocks_uncond", {}),
-            **attention_fields(
-                {
-                    name: AttentionMaps.from_tensors(entry["metadata"], entry["tensors"])
-                    for name, entry in data.get("attention", {}).items()
-                }
-            ),
+            **attention_fields(_attention_from_dict(data.get("attention", {}))),
         )
 
     @property
@@ -301,6 +296,20 @@ def build_capture(
         cap.double_blocks_uncond = _double(unc)
         cap.single_blocks_uncond = _single(unc)
     return cap
+
+
+def _attention_from_dict(entries: dict) -> dict[str, AttentionMaps]:
+    """Maps by pass from `to_dict()["attention"]`; CaptureFileError when it is not flux-ir's."""
+    try:
+        return {
+            name: AttentionMaps.from_tensors(entry["metadata"], entry["tensors"])
+            for name, entry in entries.items()
+            if name in ("cond", "uncond")
+        }
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CaptureFileError(
+            f"its 'attention' entry is not flux-ir attention maps ({err})"
+        ) from err
 
 
 def attention_fields(passes: dict[str, AttentionMaps]) -> dict[str, AttentionMaps]:
