@@ -153,17 +153,44 @@ def flow_schedule(
     return scheduler.sigmas.to(device, torch.float32), timesteps
 
 
+def batch_embeddings(
+    pipe: FluxPipeline, opts: SamplingOptions, prompts: Sequence[str]
+) -> PromptEmbeddings:
+    """One prompt per image: embeddings [len(prompts), ...] (the negative prompt's too, with true CFG)."""
+    from dataclasses import replace
+
+    parts = [encode_prompt(pipe, replace(opts, prompt=p)) for p in prompts]
+
+    def cat(name):
+        tensors = [getattr(e, name) for e in parts]
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    return PromptEmbeddings(
+        cat("prompt_embeds"),
+        cat("pooled_prompt_embeds"),
+        cat("negative_prompt_embeds"),
+        cat("negative_pooled_prompt_embeds"),
+    )
+
+
 class Velocity:
     """The velocity v(x, t) the sampler steps with: the transformer on packed latents x [B, N, 64]
     at scheduler timestep t (0-dim, sigma * 1000), conditioned as `generate` conditions it (the
-    embeddings, distilled guidance, true CFG `neg + scale (cond - neg)`). Returns [B, N, 64] float32."""
+    embeddings, distilled guidance, true CFG `neg + scale (cond - neg)`). Returns [B, N, 64] float32.
+    `emb` holds one prompt (repeated to the batch) or one per image."""
 
     def __init__(
         self, pipe: FluxPipeline, opts: SamplingOptions, emb: PromptEmbeddings, batch: int
     ):
         device, dtype = pipe._execution_device, pipe.transformer.dtype
         self.pipe, self.dtype, self.batch = pipe, dtype, batch
-        rep = emb.repeat(batch)
+        n = emb.prompt_embeds.shape[0]
+        if n not in (1, batch):
+            raise InvalidArgumentError(
+                f"{{param}} hold {n} prompts for {batch} images; give one, or one per image",
+                "embeddings",
+            )
+        rep = emb.repeat(batch // n)
         self.cond = (
             rep["prompt_embeds"].to(device, dtype),
             rep["pooled_prompt_embeds"].to(device, dtype),
@@ -216,6 +243,7 @@ def invert_latents(
     clean: torch.Tensor,
     *,
     embeddings: PromptEmbeddings | None = None,
+    prompts: Sequence[str] | None = None,
     refine: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -225,7 +253,10 @@ def invert_latents(
     Args:
         opts: the sampling to invert: size, steps, prompt (use prompt="" for the empty prompt),
             guidance and true CFG, as `generate` will sample.
-        embeddings: `encode_prompt(pipe, opts)`, when the caller has it already.
+        embeddings: `encode_prompt(pipe, opts)`, when the caller has it already (one prompt, or
+            one per image).
+        prompts: one prompt per image instead of `opts.prompt` (sample with
+            `generate(..., prompts=prompts)`).
         refine: fixed-point passes per step on top of the first (0: one velocity per step, the
             cost of sampling; each pass adds one, two with true CFG).
         progress: a progress bar over the steps (tqdm.auto).
@@ -244,7 +275,17 @@ def invert_latents(
             f"{opts.height} image, got shape {tuple(clean.shape)}",
             "clean",
         )
-    emb = encode_prompt(pipe, opts) if embeddings is None else embeddings
+    if embeddings is not None:
+        emb = embeddings
+    elif prompts is not None:
+        if len(prompts) != clean.shape[0]:
+            raise InvalidArgumentError(
+                f"{{param}} must hold one prompt per image ({clean.shape[0]}), got {len(prompts)}",
+                "prompts",
+            )
+        emb = batch_embeddings(pipe, opts, prompts)
+    else:
+        emb = encode_prompt(pipe, opts)
     device = pipe._execution_device
     sigmas, timesteps = flow_schedule(pipe, opts.num_steps, rows * cols, device)
     velocity = Velocity(pipe, opts, emb, clean.shape[0])
@@ -267,6 +308,7 @@ def invert_images(
     images,
     *,
     embeddings: PromptEmbeddings | None = None,
+    prompts: Sequence[str] | None = None,
     refine: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -286,7 +328,7 @@ def invert_images(
         )
     clean = encode_images(pipe, batch)
     return invert_latents(
-        pipe, opts, clean, embeddings=embeddings, refine=refine, progress=progress
+        pipe, opts, clean, embeddings=embeddings, prompts=prompts, refine=refine, progress=progress
     )
 
 
@@ -345,6 +387,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "Velocity",
+    "batch_embeddings",
     "encode_images",
     "flow_schedule",
     "invert_images",
