@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -373,3 +374,25 @@ def test_a_prompt_direction_is_the_difference_of_two_inverted_renders(tiny):
     assert d.shape == start.shape and d.norm() > 0
     same = prompt_direction(pipe, opts, start, ("a cat", "a dog"), progress=False)
     assert torch.equal(d, same)
+
+
+# -- the benchmark scripts, in their CPU smoke mode (numbers meaningless) ------------------------
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_inversion_speed_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    result = __import__("bench_inversion").main(["--smoke", "--out", str(tmp_path)])
+    assert [r["config"] for r in result["rows"]] == ["generate", "invert", "invert_refine1"]
+    assert json.loads((tmp_path / "inversion_speed.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_inversion_quality_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    picture = tmp_path / "pic.png"
+    args = ["--smoke", "--out", str(tmp_path), "--picture", str(picture)]
+    result = __import__("inversion_quality").main(args)
+    assert set(result["modes"]) == {"caption", "empty", "caption+cfg"}
+    assert len(result["grid"]["corners"]) == 9 and picture.is_file()
+    assert "## Grid corners" in (tmp_path / "inversion_quality.md").read_text()
