@@ -12,7 +12,7 @@ PACKAGE = Path(flux_ir.__file__).parent
 STAGES = [
     {"errors", "version", "geometry", "io"},
     {"models"},
-    {"sampling"},
+    {"sampling", "inversion"},
     {"capture", "intervene"},
     {"store"},
     {"lens"},

@@ -6,7 +6,7 @@ from flux_ir.cli import flags, text
 from flux_ir.errors import InvalidArgumentError
 
 
-@flags()
+@flags(inversion_refine="--refine", direction_prompts="--direction_from/--direction_to")
 def sweep(
     model: str = "flux-schnell",
     output_dir: str = "output/sweep",
@@ -20,6 +20,10 @@ def sweep(
     guidance: float | None = None,
     seeds=None,
     vertices: str | None = None,
+    vertex_images=None,
+    direction_from: str | None = None,
+    direction_to: str | None = None,
+    refine: int = 0,
     alpha="0,1",
     beta=None,
     n_alpha: int | None = None,
@@ -27,6 +31,9 @@ def sweep(
     normalisation: str = "annulus",
     path: str | None = None,
     points: int | None = None,
+    noise_level: float = 0.0,
+    repeats: int = 1,
+    noise_seed: int = 0,
     batch_size: int = 8,
     phases: bool = False,
     phase_pool: int = 4,
@@ -41,8 +48,12 @@ def sweep(
     """Generate a latent-grid sweep (or a 1-D latent path) of images into --output_dir.
 
     The grid is n_alpha x n_beta latents z0 + a(z1 - z0) + b(z2 - z0), normalised; with --path
-    lerp|slerp --points N, a path of N latents from z0 to z1 instead. Re-running the same command resumes (finished points are skipped); a different sweep in the same
-    directory is refused. Launch with `torchrun --nproc_per_node N` to shard the points over N GPUs.
+    lerp|slerp --points N, a path of N latents from z0 to z1 instead; with --path direction, N
+    latents from z0 along z2 - z1, --alpha in units of the annulus radius sqrt(d). The vertices are
+    seeded noise, a file of latents, or real images inverted to the noise the sweep's sampling
+    regenerates them from (--vertex_images). Re-running the same command resumes (finished points
+    are skipped); a different sweep in the same directory is refused. Launch with `torchrun
+    --nproc_per_node N` to shard the points over N GPUs.
 
     Args:
         model: flux-schnell, flux-dev, flux-dev-krea (hub weights), flux-tiny (built in code,
@@ -68,6 +79,15 @@ def sweep(
         vertices: instead of seeds, a .npy or .safetensors file of the vertex latents [3, 16, H/8, W/8]
             ([2, 16, H/8, W/8] for a path); its sha256 is part of the sweep (default: none, the
             seeds make the vertices).
+        vertex_images: instead of seeds, image files "a.png,b.png,c.png" (two for a lerp or slerp
+            path; one, the start, with --direction_from/--direction_to) of exactly --width x
+            --height pixels (other sizes are refused, not resized), inverted with the sweep's
+            prompt and sampling; their sha256 are part of the sweep (default: none).
+        direction_from, direction_to: with --path direction, two prompts that make the direction:
+            both are rendered from the start latent z0 and inverted, the direction is the second
+            minus the first (default: none, the direction is z2 - z1).
+        refine: fixed-point passes per inversion step for --vertex_images and direction prompts
+            (0: one model pass per step, the cost of sampling).
         alpha: the interval "start,end" of a (both ends are grid points); zoom in with a
             sub-interval such as 0.4,0.6, leave [0, 1] with e.g. -10,10. For a path, the
             interval of t (0,1: z0 to z1).
@@ -76,9 +96,15 @@ def sweep(
         n_beta: points along b (default: --n_alpha).
         normalisation: annulus (norm sqrt(d)), std (z / z.std()), vertex (mean vertex norm), none.
         path: lerp (straight line, then normalised) or slerp (great-circle arc, norms interpolated
-            linearly, then normalised) between z0 and z1, instead of a grid (default: none, a
+            linearly, then normalised) between z0 and z1, or direction (from z0 along z2 - z1,
+            steps --alpha in annulus radii, then normalised), instead of a grid (default: none, a
             grid).
         points: points on the path (default 10, at least 2); images a000_b000.png, a001_b000.png, ...
+        noise_level: standard deviation of the Gaussian noise added to every point before it is
+            normalised, seeded per point (the Hessian-geometry paper's --noise_level; default 0).
+        repeats: samples per grid point, each with its own noise (needs --noise_level > 0); images
+            a000_b000_r00.png, a000_b000_r01.png, ... (default 1).
+        noise_seed: seeds the per-point noise (default 0).
         batch_size: images per pipeline call.
         phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
         phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).
@@ -106,7 +132,14 @@ def sweep(
     from flux_ir.sweep.store import SweepStore
 
     dist = Distributed.from_env()
-    grid = grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points)
+    grid = grid_spec(
+        alpha, beta, n_alpha, n_beta, normalisation, path, points, noise_level, repeats, noise_seed
+    )
+    prompts = None
+    if direction_from is not None or direction_to is not None:
+        if direction_from is None or direction_to is None:
+            raise InvalidArgumentError("--direction_from and --direction_to go together")
+        prompts = (text(direction_from), text(direction_to))
     load = LoadOptions.create(model, dist.device(device), offload, weights)
     spec = load.spec
     cfg = SweepConfig.from_spec(
@@ -116,6 +149,9 @@ def sweep(
         grid=grid,
         seeds=seeds,
         vertices=vertices,
+        vertex_images=vertex_images,
+        direction_prompts=prompts,
+        inversion_refine=refine,
         dtype=load.dtype_name,
         prompt=text(prompt),
         negative_prompt=text(negative_prompt),
@@ -137,7 +173,7 @@ def sweep(
     dist.init(load.device)
     try:
         if dist.is_main:
-            n = cfg.grid.n_alpha * cfg.grid.n_beta
+            n = cfg.grid.n_points
             print(
                 f"loading {spec.name} ({load.weights_text}) on {load.device} for a {n}-point sweep "
                 f"({dist.world} process(es)) ...",
@@ -170,14 +206,26 @@ def sweep(
         dist.close()
 
 
-def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points):
+def grid_spec(
+    alpha,
+    beta,
+    n_alpha,
+    n_beta,
+    normalisation,
+    path,
+    points,
+    noise_level=0.0,
+    repeats=1,
+    noise_seed=0,
+):
     """The grid (or, with `path`, the 1-D path) of the command line; conflicting flags are refused."""
     from flux_ir.sweep.grid import GridSpec
 
+    noise = dict(noise_level=noise_level, repeats=repeats, noise_seed=noise_seed)
     if path is None:
         if points is not None:
             raise InvalidArgumentError(
-                "--points needs --path lerp|slerp; a grid takes --n_alpha and --n_beta"
+                "--points needs --path lerp|slerp|direction; a grid takes --n_alpha and --n_beta"
             )
         n_alpha = 10 if n_alpha is None else n_alpha
         return GridSpec(
@@ -186,6 +234,7 @@ def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points):
             n_alpha=n_alpha,
             n_beta=n_alpha if n_beta is None else n_beta,
             normalisation=normalisation,
+            **noise,
         )
     if n_alpha is not None or n_beta is not None:
         raise InvalidArgumentError(
@@ -196,7 +245,9 @@ def grid_spec(alpha, beta, n_alpha, n_beta, normalisation, path, points):
     n = 10 if points is None else points
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise InvalidArgumentError(f"--points must be an integer >= 2, got {points!r}")
-    return GridSpec(alpha=alpha, n_alpha=n, n_beta=1, normalisation=normalisation, path=path)
+    return GridSpec(
+        alpha=alpha, n_alpha=n, n_beta=1, normalisation=normalisation, path=path, **noise
+    )
 
 
 @flags()

@@ -11,7 +11,14 @@ from flux_ir.sweep.grid import (
     normalise,
     vertex_latents,
 )
-from flux_ir.sweep.paths import lerp_path, path_latents, slerp_path, sweep_latents
+from flux_ir.sweep.paths import (
+    direction_at,
+    direction_path,
+    lerp_path,
+    path_latents,
+    slerp_path,
+    sweep_latents,
+)
 from flux_ir.sweep.run import SweepResult, SweepRunOptions, run_sweep
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import SweepStore
@@ -26,6 +33,8 @@ __all__ = [
     "SweepConfig",
     "SweepResult",
     "SweepStore",
+    "direction_at",
+    "direction_path",
     "generate_batch",
     "grid_latents",
     "lerp_path",

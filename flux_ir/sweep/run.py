@@ -6,7 +6,8 @@ batches, write the files behind the device, and finalise the tables.
     result = run_sweep(pipe, cfg, "output/sweep", batch_size=8)
 
 Re-running resumes: points whose image (and promised phase files) exist are skipped, with the same
-settings, weights (fingerprint) and phases only. Each point is claimed before it is generated
+settings, weights (fingerprint) and phases only. Vertices from images or prompts are inverted once
+(`sweep_vertices`) and kept in the directory's `vertices.safetensors`, which later runs read. Each point is claimed before it is generated
 (`flux_ir.sweep.store.PointClaims`), so two runs started on one directory share the work. The prompt
 is encoded once per sweep (only when points are left); batches come from `flux_ir.sweep.generate`;
 PNG encoding (GIL-free, `flux_ir.io.png`), the phase files and the points table are written by a
@@ -16,6 +17,7 @@ PNG encoding (GIL-free, `flux_ir.io.png`), the phase files and the points table 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -24,16 +26,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.inversion import invert_renders, invert_to_vertices
+from flux_ir.io.atomic import atomic_path
 from flux_ir.models.compile import check_compile_mode, compile_pipeline
 from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.sampling import effective_guidance, encode_prompt
 from flux_ir.sweep.config import SweepConfig
 from flux_ir.sweep.generate import HostPixels, decode_steps, generate_batch, pool_steps
-from flux_ir.sweep.grid import GridPoint
+from flux_ir.sweep.grid import GridPoint, vertex_latents
 from flux_ir.sweep.paths import sweep_latents
 from flux_ir.sweep.shard import Distributed
 from flux_ir.sweep.store import (
@@ -48,6 +53,7 @@ from flux_ir.sweep.writer import BackgroundWriter
 from flux_ir.version import library_versions
 
 WAIT_S = 0.5  # between looks at points another process on this host is generating
+VERTICES = "vertices.safetensors"  # inverted vertex latents of image / prompt vertices
 
 
 @dataclass(frozen=True)
@@ -167,10 +173,13 @@ def run_sweep(
         store.claim(cfg, extra)
         promise = {FINGERPRINT: fingerprint, "phase_pool": phase_pool, "phase_images": phase_images}
         store.record_identity(**promise)  # a directory that records none yet: from now on
+        vertices = sweep_vertices(pipe, cfg, store, progress=progress)  # inverts once, if need be
     dist.barrier()
+    if not dist.is_main:
+        vertices = sweep_vertices(pipe, cfg, store, progress=progress)  # reads rank 0's file
     outputs = promised_outputs(cfg, phase_pool, phase_images)
     todo = store.pending(cfg.grid.points(), **outputs)
-    skipped = cfg.grid.n_alpha * cfg.grid.n_beta - len(todo)
+    skipped = cfg.grid.n_points - len(todo)
     dist.barrier()  # all processes see the same pending list before any writes
     mine = dist.shard(todo)
     if phase_pool is not None:
@@ -182,7 +191,17 @@ def run_sweep(
     if mine:
         try:
             timings = _generate(
-                pipe, cfg, store, mine, batch_size, phase_pool, phase_images, dist, progress, counts
+                pipe,
+                cfg,
+                vertices,
+                store,
+                mine,
+                batch_size,
+                phase_pool,
+                phase_images,
+                dist,
+                progress,
+                counts,
             )
         except KeyboardInterrupt:  # the writer has flushed the finished batches by now
             print(
@@ -193,7 +212,7 @@ def run_sweep(
             raise
     dist.barrier()
     if dist.is_main:
-        store.finalise(cfg, grid_norms(cfg), extra)
+        store.finalise(cfg, grid_norms(cfg, vertices), extra)
     dist.barrier()
     return SweepResult(store, counts["written"], skipped, time.perf_counter() - start, timings)
 
@@ -236,6 +255,7 @@ def promised_outputs(cfg: SweepConfig, phase_pool: int | None, phase_images: int
 def _generate(
     pipe: FluxPipeline,
     cfg: SweepConfig,
+    vertices: torch.Tensor,
     store: SweepStore,
     points: Sequence[GridPoint],
     batch_size: int,
@@ -248,7 +268,6 @@ def _generate(
     """Generate `points` batch by batch, each point once claimed (points another process holds are
     skipped, and retried until done when that process runs on this host); files are written on a
     background thread, `counts["written"]` counts the points written. Returns timings."""
-    vertices = cfg.vertex_latents()
     outputs = promised_outputs(cfg, phase_pool, phase_images)
     cond, encode_s = None, 0.0
     bar = tqdm(
@@ -349,8 +368,8 @@ def _generate(
 
 
 def point_row(point: GridPoint, norm_before: float, norm_after: float) -> dict:
-    """One row of the points table."""
-    return {
+    """One row of the points table (with a `repeat` column in a sweep with repeats)."""
+    row = {
         "index": point.index,
         "row": point.row,
         "col": point.col,
@@ -361,11 +380,17 @@ def point_row(point: GridPoint, norm_before: float, norm_after: float) -> dict:
         "file": f"images/{point.file}",
         "done": True,
     }
+    if point.repeat is not None:
+        row["repeat"] = point.repeat
+    return row
 
 
-def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, float]]:
-    """Every point's latent norm before and after normalising (computed from the seeds, in chunks)."""
-    vertices = cfg.vertex_latents()
+def grid_norms(
+    cfg: SweepConfig, vertices: torch.Tensor | None = None, chunk: int = 256
+) -> dict[int, tuple[float, float]]:
+    """Every point's latent norm before and after normalising, in chunks (from `vertices`
+    [n, 16, h, w]; None: `cfg.vertex_latents()`, the seeds' or the vertices file's)."""
+    vertices = cfg.vertex_latents() if vertices is None else vertices
     points = cfg.grid.points()
     norms: dict[int, tuple[float, float]] = {}
     for lo in range(0, len(points), chunk):
@@ -373,6 +398,60 @@ def grid_norms(cfg: SweepConfig, chunk: int = 256) -> dict[int, tuple[float, flo
         _, before, after = sweep_latents(vertices, cfg.grid, part)
         norms.update({p.index: (float(b), float(a)) for p, b, a in zip(part, before, after)})
     return norms
+
+
+def sweep_vertices(
+    pipe: FluxPipeline, cfg: SweepConfig, store: SweepStore, *, progress: bool = True
+) -> torch.Tensor:
+    """The sweep's vertex latents [n, 16, H/8, W/8] float32 on the CPU: `cfg.vertex_latents()` for
+    seeds and vertex files; image vertices (and direction prompts) are inverted with `pipe` under the
+    sweep's sampling once, written to `<dir>/vertices.safetensors` (atomically, with the signature
+    they belong to) and read from there by later runs and other processes."""
+    if not cfg.needs_pipeline:
+        return cfg.vertex_latents()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = store.root / VERTICES
+    key = json.dumps(cfg.signature(), sort_keys=True)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get("sweep")
+            vertices = f.get_tensor("vertices")
+        if recorded != key:
+            raise InvalidArgumentError(
+                f"{path} holds the vertices of another sweep; delete it (it is computed again) "
+                "or choose another {param}",
+                "output_dir",
+            )
+        return vertices
+    s = cfg.sampling
+    if cfg.vertex_images is None and cfg.images_given:
+        raise InvalidArgumentError(
+            f"{store.root} has no {VERTICES} yet: inverting its vertices needs the image files "
+            "(vertex_images), not only their sha256",
+            "vertex_images",
+        )
+    if cfg.direction_prompts is not None:
+        start = (
+            invert_to_vertices(
+                pipe, s, list(cfg.vertex_images), refine=cfg.inversion_refine, progress=progress
+            )
+            if cfg.vertex_images is not None
+            else vertex_latents(cfg.seeds, s.height, s.width)
+        )
+        renders = invert_renders(
+            pipe, s, start[0], cfg.direction_prompts, refine=cfg.inversion_refine, progress=progress
+        )
+        vertices = torch.cat([start, renders])
+    else:
+        vertices = invert_to_vertices(
+            pipe, s, list(cfg.vertex_images), refine=cfg.inversion_refine, progress=progress
+        )
+    vertices = vertices.float().contiguous()
+    with atomic_path(path) as tmp:
+        save_file({"vertices": vertices}, str(tmp), metadata={"sweep": key})
+    return vertices
 
 
 def sweep_metadata(

@@ -276,6 +276,7 @@ class SweepStore:
                     "norm_after": after,
                     "file": f"images/{p.file}",
                     "done": self.is_done(p),
+                    **({} if p.repeat is None else {"repeat": p.repeat}),
                 }
             )
         write_text(self.root / POINTS, table_csv(rows))
@@ -313,11 +314,13 @@ def phase_image_file(point: GridPoint, step: int) -> str:
 
 
 def table_csv(rows: Sequence[dict]) -> str:
+    """The points table; a sweep with repeats has a last column `repeat`."""
+    columns = COLUMNS + (("repeat",) if rows and "repeat" in rows[0] else ())
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row[k] for k in columns})
     return buf.getvalue()
 
 
