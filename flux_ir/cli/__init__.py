@@ -404,6 +404,7 @@ def commands() -> dict[str, Callable]:
     """flux-ir's commands (their modules are light: each imports torch inside its body)."""
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
+    from flux_ir.cli.geometry import geometry
     from flux_ir.cli.patch import patch
     from flux_ir.cli.sweep import analyze, sweep
     from flux_ir.cli.verify import verify
@@ -415,6 +416,7 @@ def commands() -> dict[str, Callable]:
         "analyze": analyze,
         "verify": verify,
         "patch": patch,
+        "geometry": geometry,
     }
 
 
