@@ -406,6 +406,7 @@ def commands() -> dict[str, Callable]:
     from flux_ir.cli.capture import capture
     from flux_ir.cli.decode import decode
     from flux_ir.cli.explore import explore
+    from flux_ir.cli.geometry import geometry
     from flux_ir.cli.harvest import harvest
     from flux_ir.cli.patch import patch
     from flux_ir.cli.sweep import analyze, sweep
@@ -421,6 +422,7 @@ def commands() -> dict[str, Callable]:
         "harvest": harvest,
         "explore": explore,
         "animate": animate,
+        "geometry": geometry,
     }
 
 

@@ -1,0 +1,238 @@
+"""The Fisher metric of a latent plane: kernel posteriors, the free-energy fit against an exponential
+family whose Fisher metric is known in closed form, the metric, geodesics, files and the command."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flux_ir.analysis.fisher import (
+    FreeEnergyNet,
+    UnitBox,
+    fit_free_energy,
+    kernel_posteriors,
+    load_free_energy,
+    metric_field,
+    metric_tensor,
+    save_free_energy,
+    unit_grid,
+)
+from flux_ir.analysis.fisher_sweep import boundary_contrast, class_boundaries
+from flux_ir.analysis.geodesic import geodesic
+from flux_ir.errors import InvalidArgumentError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster on a shared CPU and makes the sums reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- posteriors ----------------------------------------------------------------------------------------
+def reference_posteriors(e: np.ndarray, u: np.ndarray, r: int) -> np.ndarray:
+    """The kernel posterior written as plainly as possible: one sample, one neighbour at a time."""
+    out = np.zeros((len(u), r, r))
+    for i in range(len(u)):
+        grid = np.zeros((r, r))
+        for j in range(len(u)):
+            w = math.exp(-10 * math.sqrt(max(2 * (1.00001 - e[i] @ e[j]), 0.0)))
+            x, y = u[j] * (r - 1)
+            a, b = min(int(x), r - 2), min(int(y), r - 2)
+            fa, fb = x - a, y - b
+            grid[a, b] += w * (1 - fa) * (1 - fb)
+            grid[a + 1, b] += w * fa * (1 - fb)
+            grid[a, b + 1] += w * (1 - fa) * fb
+            grid[a + 1, b + 1] += w * fa * fb
+        grid = np.minimum(grid, 1.0)
+        out[i] = grid / grid.sum()
+    return out
+
+
+def test_kernel_posteriors_match_the_plain_sum_and_do_not_depend_on_the_chunk():
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(23, 5))
+    e[5] = e[4]  # two identical samples: a cell may exceed 1 and be clipped
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    u = rng.random((23, 2))
+    u[0] = (1.0, 1.0)  # the upper corner lands on the last cell
+    u[4] = u[5] = (0.5, 0.5)
+    expected = reference_posteriors(e, u, 9)
+    got = kernel_posteriors(torch.tensor(e), torch.tensor(u), 9).double().numpy()
+    # float32 similarities: a sample's weight on itself, exp(-10 sqrt(2 (1e-5 + rounding))), is
+    # only good to ~3e-4
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-7)
+    one = kernel_posteriors(torch.tensor(e), torch.tensor(u), 9, chunk=1).double().numpy()
+    np.testing.assert_allclose(one, got, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    assert got[0, -1, -1] > 0.3  # its own weight (0.94 of itself) at the corner cell
+
+
+def test_kernel_posteriors_refuse_mismatched_inputs():
+    with pytest.raises(InvalidArgumentError, match="embeddings must be"):
+        kernel_posteriors(torch.zeros(3, 4), torch.zeros(2, 2))
+    with pytest.raises(InvalidArgumentError, match="coords must be"):
+        kernel_posteriors(torch.zeros(3, 4), torch.zeros(3, 3))
+    with pytest.raises(InvalidArgumentError, match="resolution must be"):
+        kernel_posteriors(torch.zeros(3, 4), torch.zeros(3, 2), resolution=1)
+
+
+# -- an exponential family with a known log-partition function --------------------------------------
+class BernoulliFamily:
+    """Independent Bernoulli variables x_k with natural parameters theta = S A t + b, linear in
+    t = (alpha, beta): log Z(t) = sum_k log(1 + exp(theta_k)), Fisher metric S^2 A^T diag(v) A with
+    v = sigmoid(theta) (1 - sigmoid(theta)); every entry is positive, so relative errors are
+    meaningful everywhere."""
+
+    A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    S = 4.0
+    B = np.array([-2.0, -2.0, -4.0])
+
+    def theta(self, t):
+        return self.S * np.asarray(t) @ self.A.T + self.B
+
+    def log_z(self, t):
+        return np.logaddexp(0.0, self.theta(t)).sum(-1)
+
+    def fisher(self, t):
+        s = 1 / (1 + np.exp(-self.theta(t)))
+        return self.S**2 * np.einsum("ki,...k,kj->...ij", self.A, s * (1 - s), self.A)
+
+    def posteriors(self, points, n_obs: int, r: int, rng) -> np.ndarray:
+        """Exact posteriors (flat prior) on the r x r grid after n_obs draws at each point:
+        log p(t | x) = n_obs (t . T(x) - log Z(t)), T the mean sufficient statistic S A^T x."""
+        grid = unit_grid(r).double().numpy()
+        lz = self.log_z(grid)
+        out = []
+        for t in points:
+            p = 1 / (1 + np.exp(-self.theta(t)))
+            stat = self.S * self.A.T @ (rng.binomial(n_obs, p) / n_obs)
+            lp = n_obs * (grid @ stat - lz)
+            q = np.exp(lp - lp.max())
+            out.append((q / q.sum()).reshape(r, r))
+        return np.stack(out)
+
+
+def interior_error(net, family, lo=0.2, hi=0.8, m=13) -> float:
+    """Median relative error of the metric's entries (g11, g12, g22) over the interior."""
+    ax = np.linspace(lo, hi, m)
+    pts = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1).reshape(-1, 2)
+    got = metric_tensor(net, pts).double().numpy()
+    exact = family.fisher(pts)
+    rel = np.abs(got - exact) / np.abs(exact)
+    return float(np.median(rel[:, [0, 0, 1], [0, 1, 1]]))
+
+
+def test_the_fitted_metric_matches_an_exact_fisher_metric_within_15_percent():
+    """225 points (15 x 15) with 50 draws each, posteriors on a 32 x 32 grid, a 32-wide network:
+    the reconstructed metric's entries are within 15% (median over the interior [0.2, 0.8]^2)."""
+    family = BernoulliFamily()
+    ax = np.linspace(0, 1, 15)
+    points = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1).reshape(-1, 2)
+    post = family.posteriors(points, 50, 32, np.random.default_rng(0))
+    fit = fit_free_energy(
+        torch.tensor(post), torch.tensor(points), n_samples=50, width=32, steps=600,
+        eval_every=100, progress=False,
+    )  # fmt: skip
+    assert fit.val_loss[-1] < fit.val_loss[0]
+    assert interior_error(fit.net, family) < 0.15
+
+
+def test_the_fit_is_deterministic_and_its_split_is_80_20():
+    rng = np.random.default_rng(1)
+    post = rng.random((20, 6, 6))
+    post /= post.sum(axis=(1, 2), keepdims=True)
+    coords = rng.random((20, 2))
+    runs = [
+        fit_free_energy(post, coords, width=8, depth=2, steps=6, eval_every=3, progress=False)
+        for _ in range(2)
+    ]
+    a, b = (r.net.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(runs[0].val_index) == 4 and len(runs[0].train_index) == 16
+    assert set(runs[0].val_index).isdisjoint(runs[0].train_index)
+    with pytest.raises(InvalidArgumentError, match="n_samples must be a positive number"):
+        fit_free_energy(post, coords, n_samples=-1.0, steps=1, progress=False)
+
+
+# -- the metric and geodesics of known functions ---------------------------------------------------
+class Analytic(FreeEnergyNet):
+    """A free energy given in closed form (the layers are kept only for `.parameters()`)."""
+
+    def __init__(self, fn):
+        super().__init__(width=1, depth=1)
+        self.fn = fn
+
+    def forward(self, u):
+        return self.fn(u)
+
+
+def test_metric_tensor_is_the_hessian_of_log_z():
+    # log Z = u1^2 + 3 u1 u2 + 2 u2^2 + sin(u1): Hessian [[2 - sin u1, 3], [3, 4]]
+    net = Analytic(
+        lambda u: -(u[:, 0] ** 2 + 3 * u[:, 0] * u[:, 1] + 2 * u[:, 1] ** 2 + torch.sin(u[:, 0]))
+    )
+    pts = torch.rand(7, 2, generator=torch.Generator().manual_seed(0))
+    g = metric_tensor(net, pts)
+    expected = torch.stack(
+        [torch.stack([2 - torch.sin(pts[:, 0]), torch.full((7,), 3.0)], 1), torch.tensor([[3.0, 4.0]]).expand(7, 2)],
+        1,
+    )  # fmt: skip
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5)
+    box = UnitBox(alpha=(-2.0, 2.0), beta=(0.0, 0.5))  # t = lo + L u: g_t = g_u / (L_i L_j)
+    field = metric_field(net, resolution=5, box=box)
+    assert field.alphas[0] == -2.0 and field.betas[-1] == 0.5
+    np.testing.assert_allclose(field.metric[2, 2, 0, 1], 3.0 / (4.0 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(field.det, np.linalg.det(field.metric), rtol=1e-6)
+
+
+def test_geodesic_of_a_separable_metric_follows_the_known_curve():
+    # log Z = (exp(2 u1) + exp(2 u2)) / 4: g = diag(exp(2 u1), exp(2 u2)). In v = exp(u) the metric is
+    # Euclidean, so the geodesic is the straight line in v, equally spaced in metric length.
+    net = Analytic(lambda u: -(torch.exp(2 * u).sum(1)) / 4)
+    a, b = np.array([0.05, 0.9]), np.array([0.95, 0.1])
+    geo = geodesic(net, a, b, n_points=16, iterations=400, smoothness=0.0, n_out=7, progress=False)  # fmt: skip
+    s = np.linspace(0, 1, 7)[:, None]
+    expected = np.log(np.exp(a) * (1 - s) + np.exp(b) * s)
+    np.testing.assert_allclose(geo.points, expected, atol=0.005)
+    assert geo.length < geo.line_length
+    exact_length = float(np.linalg.norm(np.exp(b) - np.exp(a)))
+    assert abs(geo.length - exact_length) < 0.01 * exact_length
+    assert geo.deviation > 0.05  # it bends away from the straight line
+    flat = geodesic(Analytic(lambda u: -(u**2).sum(1)), a, b, n_points=12, iterations=20, progress=False)  # fmt: skip
+    # the straight line is optimal from the start; Adam only jitters around it by about lr
+    assert flat.deviation < 0.02 and abs(flat.length / flat.line_length - 1) < 1e-3
+
+
+def test_geodesic_refuses_points_outside_the_square():
+    with pytest.raises(InvalidArgumentError, match="end .* outside"):
+        geodesic(FreeEnergyNet(4, 1), (0.1, 0.1), (1.2, 0.5), iterations=1, progress=False)
+
+
+# -- files and boundaries ----------------------------------------------------------------------------
+def test_free_energy_round_trips_through_safetensors(tmp_path):
+    net = FreeEnergyNet(width=6, depth=2)
+    path = tmp_path / "f.safetensors"
+    save_free_energy(net, path, {"note": "x"})
+    loaded, meta = load_free_energy(path)
+    u = torch.rand(5, 2)
+    torch.testing.assert_close(loaded(u), net(u))
+    assert meta["note"] == "x" and meta["width"] == "6"
+    assert path.read_bytes()[:8] != b"PK\x03\x04"  # not a zip (torch.save) archive
+    (tmp_path / "g.safetensors").write_bytes(
+        path.read_bytes().replace(b"free energy", b"other thing")
+    )
+    with pytest.raises(InvalidArgumentError, match="not a flux-ir free-energy file"):
+        load_free_energy(tmp_path / "g.safetensors")
+
+
+def test_class_boundaries_and_contrast():
+    classes = np.array([[0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    edge = class_boundaries(classes)
+    assert edge.tolist() == [[False, True, True]] * 3
+    c = boundary_contrast(np.where(edge, 4.0, 1.0), classes)
+    assert (c.boundary_mean, c.interior_mean, c.ratio) == (4.0, 1.0, 4.0)
+    assert (c.boundary_cells, c.interior_cells) == (6, 3)
