@@ -62,8 +62,8 @@ def harvest(
         width, height: image size in pixels, multiples of 16, for entries that do not say
             (default: the model's, 256 for models without one).
         num_steps: denoising steps for entries that do not say (default: the model's).
-        guidance: distilled guidance scale for entries that do not say (ignored by schnell and
-            flux-toy).
+        guidance: distilled guidance scale for entries that do not say (default: the model's;
+            ignored by schnell and flux-toy).
         negative_prompt: negative prompt for entries that do not say (true CFG; flux-toy: "").
         true_cfg_scale: true CFG scale for entries that do not say (flux-toy: 2).
         scheduler: euler, dpm++2m, dpm++3m or unipc for entries that do not say (default: euler,

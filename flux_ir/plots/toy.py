@@ -57,10 +57,7 @@ def plot_settling(
     steps = sorted(table.step.unique())
     ax.set_xticks(steps)
     ax.set_xlabel("denoising step whose x0 estimate is read")
-    ax.set_ylabel(
-        "share of points showing the final attribute"
-        + (" from then on" if value == "settled" else "")
-    )
+    ax.set_ylabel("share of points settled" if value == "settled" else "share of points")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     if "sigma" in table:
@@ -99,7 +96,7 @@ def plot_lens_baseline(
     ax.set_yticks(range(values.shape[0]), [b for _, b in pivot.index])
     ax.set_xlabel("denoising step")
     ax.set_ylabel("block (depth order)")
-    fig.colorbar(im, ax=ax, label="sign · log(1 + |1 − lens MSE / x_k MSE|)")
+    fig.colorbar(im, ax=ax, label="sign · log(1 + |relative improvement|)")
     ax.set_title(
         title + ("\n" if title else "") + "x0 lens vs decoding x_k: relative improvement",
         fontsize=8,

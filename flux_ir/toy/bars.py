@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from flux_ir.analysis.lipschitz import embedding_grid, lipschitz_edges, lipschitz_field
 from flux_ir.capture import CaptureOptions, Selection, run_capture
+from flux_ir.capture.select import parse_indices
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.geometry import pack_latents
 from flux_ir.io.atomic import write_text
@@ -70,9 +71,10 @@ IGNORE = -100  # label of an attribute a training render does not have (the colo
 
 def read_images(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The checker's reading of images [B, 3, H, W] in [0, 1]: background, colour, shape, each [B]
-    (indices into COLOURS / SHAPES; shape NO_SHAPE where none is found)."""
+    (indices into COLOURS / SHAPES; shape and colour NO_SHAPE where no shape is found)."""
     found = check_images(images)
-    return {"background": found.background, "colour": found.colour, "shape": found.shape}
+    colour = torch.where(found.shape == NO_SHAPE, NO_SHAPE, found.colour)
+    return {"background": found.background, "colour": colour, "shape": found.shape}
 
 
 def decode_latents(pipe: FluxPipeline, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -105,14 +107,14 @@ class LatentReader(nn.Module):
     background. Global pooling after three convolutions makes it indifferent to where the object is.
     It reads a representation the grid's pixel field is not computed on."""
 
-    def __init__(self, channels: int = 16, width: int = 48):
+    def __init__(self, channels: int = 16, width: int = 32):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1),
             nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.GELU(),
             nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+            nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
             nn.GELU(),
         )
         self.sizes = {"shape": len(SHAPES) + 1, "colour": len(COLOURS), "background": len(COLOURS)}
@@ -126,12 +128,14 @@ class LatentReader(nn.Module):
 
     @torch.no_grad()
     def read(self, z: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-        """Latents [B, C, h, w] -> background, colour, shape [B] as the checker reports them (shape
-        NO_SHAPE for "none")."""
+        """Latents [B, C, h, w] -> background, colour, shape [B] as `read_images` reports them
+        (shape and colour NO_SHAPE for "none")."""
         self.eval()
         parts = [self(z[i : i + batch].float()) for i in range(0, len(z), batch)]
         out = {k: torch.cat([p[k] for p in parts]).argmax(1) for k in self.sizes}
-        out["shape"] = torch.where(out["shape"] == len(SHAPES), NO_SHAPE, out["shape"])
+        none = out["shape"] == len(SHAPES)
+        out["shape"] = torch.where(none, NO_SHAPE, out["shape"])
+        out["colour"] = torch.where(none, NO_SHAPE, out["colour"])
         return {k: out[k] for k in ATTRIBUTES}
 
 
@@ -237,15 +241,29 @@ def spearman(x, y) -> float:
     return float(x.rank().corr(y.rank()))
 
 
-def resolve_steps(steps, num_steps: int) -> list[int]:
-    """Denoising steps (negative: from the end) -> sorted distinct steps in [0, num_steps)."""
+def resolve_steps(steps, num_steps: int, param: str = "steps") -> list[int]:
+    """Denoising steps (negative: from the end; None: all; text such as "4-8,15" as a capture
+    selection reads it) -> sorted distinct steps in [0, num_steps).
+
+    >>> resolve_steps("4-6,-1", 16)
+    [4, 5, 6, 15]
+    >>> resolve_steps((3, 16), 16)
+    Traceback (most recent call last):
+    ...
+    flux_ir.errors.InvalidArgumentError: steps must lie in [-16, 16) for 16 steps, got 16
+    """
+    steps = parse_indices(steps, param)
+    if steps is None:
+        return list(range(num_steps))
+    if not steps:
+        raise InvalidArgumentError("{param} must name at least one step", param)
     out = []
     for s in steps:
-        k = int(s) + num_steps if int(s) < 0 else int(s)
+        k = s + num_steps if s < 0 else s
         if not 0 <= k < num_steps:
             raise InvalidArgumentError(
                 f"{{param}} must lie in [-{num_steps}, {num_steps}) for {num_steps} steps, got {s}",
-                "steps",
+                param,
             )
         out.append(k)
     return sorted(set(out))
@@ -275,6 +293,8 @@ def measure_lens(
     steps=DEFAULT_LENS_STEPS,
     seed: int = 0,
     model_name: str = "unknown",
+    double_blocks: tuple[int, ...] | None = None,
+    single_blocks: tuple[int, ...] | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> LensReport:
@@ -288,7 +308,9 @@ def measure_lens(
     the whole model's x0 estimate one step earlier (what the sampler already knew; nan at step 0). Summary per step: the baseline's MSE, the share of
     blocks whose mean lens MSE beats it, the mean relative improvement, the mean over prompts of the
     Spearman correlation of lens MSE with depth (negative: deeper blocks are closer), and the same
-    over the "middle" steps (from num_steps/4 up to 3 num_steps/4).
+    over the "middle" steps (from num_steps/4 up to 3 num_steps/4). `double_blocks` and
+    `single_blocks` (None: all) pick blocks; depth is the block's place in the model (double blocks
+    first).
     """
     if not prompts:
         raise InvalidArgumentError("{param} must name at least one prompt", "prompts")
@@ -300,7 +322,7 @@ def measure_lens(
             pipe,
             CaptureOptions(sampling, seed + i),
             model_name=model_name,
-            selection=Selection(steps=tuple(ks), streams="img"),
+            selection=Selection(double_blocks, single_blocks, tuple(ks), streams="img"),
             progress=False,
         )
         ctx, h, w = cap.denoising_context, sampling.height, sampling.width
@@ -316,9 +338,7 @@ def measure_lens(
         baseline = dict(zip(ks, errors[: len(ks)]))
         prev_error = dict(zip(prev, errors[len(ks) :]))
         items = block_steps(cap, steps=ks)
-        depth = {}
-        for item in items:
-            depth.setdefault((item.kind, item.index), len(depth))
+        n_double = len(pipe.transformer.transformer_blocks)
         for item, image in decode_capture(
             pipe, cap, items, "x0", batch_size, progress=False, output_type="pt"
         ):
@@ -331,7 +351,7 @@ def measure_lens(
                     block=f"{item.kind} {item.index}",
                     kind=item.kind,
                     index=item.index,
-                    depth=depth[item.kind, item.index],
+                    depth=item.index + (n_double if item.kind == "single" else 0),
                     step=item.step,
                     sigma=float(ctx["timestep_pairs"][item.step][0]),
                     lens_mse=lens,
@@ -461,7 +481,7 @@ def class_shares(values, names: dict[int, str]) -> dict[str, float]:
 
 
 SHAPE_NAMES = {NO_SHAPE: "none", **dict(enumerate(SHAPES))}
-COLOUR_NAMES = dict(enumerate(COLOURS))
+COLOUR_NAMES = {NO_SHAPE: "none", **dict(enumerate(COLOURS))}
 
 
 def measure_phases(
@@ -487,7 +507,7 @@ def measure_phases(
     points = cfg.grid.points()
     images = torch.stack(
         [
-            torch.from_numpy(np.asarray(Image.open(store.images / p.file).convert("RGB")))
+            torch.from_numpy(np.array(Image.open(store.images / p.file).convert("RGB")))
             for p in points
         ]
     )
@@ -524,7 +544,7 @@ def measure_phases(
             shares=dict(
                 shape=class_shares(found["shape"], SHAPE_NAMES),
                 colour=class_shares(found["colour"], COLOUR_NAMES),
-                background=class_shares(found["background"], COLOUR_NAMES),
+                background=class_shares(found["background"], dict(enumerate(COLOURS))),
             ),
             lipschitz={
                 "scene": boundary_ratio(lip, scene),
@@ -563,10 +583,12 @@ def measure_settling(
     progress: bool = False,
 ) -> SettlingReport:
     """For `points` grid points of `phases` (evenly spread; None: all), decode the x0 estimate of
-    every step and read it with the checker; compare with the checker's reading of the final image.
-    With a `reader`, also read the x0 latents of every step of every point and compare with its
-    reading of the final latents. `sigmas` (the schedule, e.g. a capture's metadata["sigmas"]) adds
-    each step's noise level to the table."""
+    every step and read it with the checker; with a `reader`, also read the x0 latents of every step
+    of every point. A step's reading is compared with the same reader's reading of the last step's x0
+    (the final latents as the sweep kept them, float16), so that a reader's own jitter between
+    the kept latents and the saved image does not count as unsettled; `image` holds the checker's
+    reading of the saved image beside it. `sigmas` (the schedule, e.g. a capture's
+    metadata["sigmas"]) adds each step's noise level to the table."""
     table = phases.points
     store = phases.store
     by_index = {p.index: p for p in phases.cfg.grid.points()}
@@ -579,7 +601,7 @@ def measure_settling(
     x0 = {i: torch.from_numpy(store.load_phases(by_index[i])).float() for i in all_idx}
     n_steps = next(iter(x0.values())).shape[0]
     rows = []
-    final = table.set_index("index")
+    image = table.set_index("index")
     bar = tqdm(total=n_steps, desc="settling", unit="step", disable=not progress)
     for step in range(n_steps):
         lat = torch.stack([x0[i][step] for i in chosen])
@@ -587,7 +609,7 @@ def measure_settling(
         for j, i in enumerate(chosen):
             rows += [
                 dict(reader="checker", index=i, step=step, attribute=k,
-                     value=int(found[k][j]), final=int(final.at[i, f"checker_{k}"]))
+                     value=int(found[k][j]), image=int(image.at[i, f"checker_{k}"]))
                 for k in ATTRIBUTES
             ]  # fmt: skip
         if reader is not None:
@@ -595,14 +617,17 @@ def measure_settling(
             for j, i in enumerate(all_idx):
                 rows += [
                     dict(reader="latent", index=i, step=step, attribute=k,
-                         value=int(found[k][j]), final=int(final.at[i, f"latent_{k}"]))
+                         value=int(found[k][j]), image=-2)
                     for k in ATTRIBUTES
                 ]  # fmt: skip
         bar.update(1)
     bar.close()
     per_point = pd.DataFrame(rows)
-    per_point["same"] = per_point.value == per_point.final
     per_point = per_point.sort_values(["reader", "attribute", "index", "step"], ignore_index=True)
+    per_point["final"] = per_point.groupby(["reader", "attribute", "index"])["value"].transform(
+        "last"
+    )
+    per_point["same"] = per_point.value == per_point.final
     # settled at step k: the same at k and at every later step
     later = per_point.groupby(["reader", "attribute", "index"])["same"]
     per_point["settled"] = later.transform(lambda s: s[::-1].cummin()[::-1]).astype(bool)
@@ -610,6 +635,10 @@ def measure_settling(
         per_point.groupby(["reader", "attribute", "step"])[["same", "settled"]].mean().reset_index()
     )
     out["points"] = per_point.groupby(["reader", "attribute", "step"]).size().values
+    checker = per_point[(per_point.reader == "checker") & (per_point.step == n_steps - 1)]
+    out["final_reads_as_image"] = out.attribute.map(
+        (checker.value == checker.image).groupby(checker.attribute).mean()
+    ).where(out.reader == "checker")
     if sigmas is not None and len(sigmas) >= n_steps:
         out["sigma"] = [sigmas[s] for s in out.step]
     return SettlingReport(out, per_point)
@@ -628,6 +657,11 @@ def settling_summary(report: SettlingReport, levels=(0.5, 0.9)) -> dict:
         out.setdefault(source, {})[attribute] = dict(
             points=int(part.points.iloc[0]),
             **first,
+            **(
+                {"final_reads_as_image": float(part.final_reads_as_image.iloc[0])}
+                if source == "checker" and "final_reads_as_image" in part
+                else {}
+            ),
             same=[round(float(v), 4) for v in part.same],
             settled=[round(float(v), 4) for v in part.settled],
         )
@@ -653,7 +687,7 @@ def measure_science(
 ) -> dict:
     """Every science bar; writes into `out_dir`: lens.csv (per block and step), lens_prompts.csv,
     phases.csv (per grid point), settling.csv, science.json (the summary), the figures
-    flux-toy-settling.png and flux-toy-lens-baseline.png, and the neutral grid's sweep (neutral_grid/).
+    settling.png and lens_baseline.png, and the neutral grid's sweep (neutral_grid/).
     Returns the summary dict."""
     from flux_ir.plots.toy import plot_lens_baseline, plot_settling
 
@@ -690,8 +724,8 @@ def measure_science(
     write_text(out / "settling.csv", settling.table.to_csv(index=False))
     write_text(out / "science.json", json.dumps(summary, indent=1))
     title = f"{model_name}, {grid}x{grid} neutral-prompt grid"
-    plot_settling(settling.table, out / "flux-toy-settling.png", title=title)
-    plot_lens_baseline(lens.table, out / "flux-toy-lens-baseline.png", title=model_name)
+    plot_settling(settling.table, out / "settling.png", title=title)
+    plot_lens_baseline(lens.table, out / "lens_baseline.png", title=model_name)
     return summary
 
 
@@ -749,13 +783,15 @@ def science_table(summary: dict) -> str:
         "**Settling** (first step whose x0 shows the final reading, from then on, for 50% / 90% "
         "of points)",
         "",
-        "| reading | attribute | points | 50% settled at step | 90% settled at step |",
-        "|---|---|---:|---:|---:|",
+        "| reading | attribute | points | 50% settled at step | 90% settled at step "
+        "| last x0 read as the saved image |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for source, attrs in summary["settling"].items():
         for k, v in attrs.items():
+            same = v.get("final_reads_as_image")
             lines.append(
                 f"| {source} | {k} | {v['points']} | {v['settled_50%_at_step']} "
-                f"| {v['settled_90%_at_step']} |"
+                f"| {v['settled_90%_at_step']} | {'' if same is None else f'{same:.0%}'} |"
             )
     return "\n".join(lines)

@@ -100,6 +100,11 @@ def quality(
     skip_cpu: bool = False,
     world: int = 1,
     checker_scenes: int = 200,
+    science: bool = True,
+    science_only: bool = False,
+    lens_steps: str = "4,6,8,10,12,14,15",
+    settle_points: int = 64,
+    reader_train: int = 1024,
 ) -> None:
     """Measure flux-toy's quality bars and print them as a table (JSON and markdown into --out);
     with --world 2, flux-toy-2's adherence per attribute and binding beside the checker's own
@@ -107,7 +112,11 @@ def quality(
 
     Figures: VAE PSNR on held-out scenes, checker colour/shape accuracy on --samples samples, lens
     convergence (Spearman over depth), a --grid x --grid neutral-prompt grid's class shares and
-    Lipschitz ratio, CPU seconds per 128x128 image on 2 threads.
+    Lipschitz ratio, CPU seconds per 128x128 image on 2 threads. Then the science bars
+    (`flux_ir.toy.bars`): each block's x0 lens against decoding the current latent x_k at
+    --lens_steps, the neutral grid's phases read by the checker and by a classifier of the latents,
+    and when background, colour and shape settle over denoising (science.json, science.md, CSV
+    tables and two figures in --out).
 
     Args:
         weights: weights directory (default: $FLUX_IR_TOY_WEIGHTS, else the package's).
@@ -121,23 +130,33 @@ def quality(
         world: 1 (flux-toy) or 2 (flux-toy-2; weights default to $FLUX_IR_TOY2_WEIGHTS, else the
             package's).
         checker_scenes: --world 2: random scenes for the checker's own accuracy.
+        science: measure the science bars after the quality bars.
+        science_only: measure only the science bars.
+        lens_steps: denoising steps at which blocks are decoded against x_k, e.g. 4,8,12,-1 or
+            8-10 (negative: from the end; all: every step).
+        settle_points: grid points whose every step's x0 is decoded for the settling bar.
+        reader_train: VAE-encoded renders the latent classifier trains on.
     """
     import torch
 
     from flux_ir.errors import InvalidArgumentError
     from flux_ir.io.atomic import write_text
-    from flux_ir.models import LoadOptions, load_pipeline
+    from flux_ir.models import LoadOptions, load_pipeline, resolve_model
+    from flux_ir.sampling import SamplingOptions
+    from flux_ir.toy.bars import measure_science, resolve_steps, science_table
 
     if world not in (1, 2):
         raise InvalidArgumentError(f"{{param}} must be 1 or 2, got {world!r}", "world")
+    model = "flux-toy" if world == 1 else "flux-toy-2"
     load = LoadOptions.create(
-        "flux-toy" if world == 1 else "flux-toy-2",
+        model,
         device,
         dtype=torch.float32,
         weights_dir=None if weights is None else str(weights),
     )
+    steps = resolve_steps(lens_steps, resolve_model(model).num_steps, "lens_steps")
     pipe, spec = load_pipeline(load)
-    if world == 2:
+    if world == 2 and not science_only:
         from flux_ir.toy.quality2 import measure_world2, table2
 
         report = measure_world2(
@@ -152,22 +171,39 @@ def quality(
         write_text(Path(out) / "toy2_quality.json", json.dumps(report, indent=1))
         write_text(Path(out) / "toy2_quality.md", md + "\n")
         print(md, flush=True)
-        return
-    from flux_ir.toy.quality import measure_all, table
+    elif not science_only:
+        from flux_ir.toy.quality import measure_all, table
 
-    report = measure_all(
-        pipe,
-        spec,
-        samples=samples,
-        grid=grid,
-        lens_prompts=lens_prompts,
-        batch=batch,
-        skip_cpu=bool(skip_cpu),
-    )
-    md = table(report)
-    write_text(Path(out) / "toy_quality.json", json.dumps(report, indent=1))
-    write_text(Path(out) / "toy_quality.md", md + "\n")
-    print(md, flush=True)
+        report = measure_all(
+            pipe,
+            spec,
+            samples=samples,
+            grid=grid,
+            lens_prompts=lens_prompts,
+            batch=batch,
+            skip_cpu=bool(skip_cpu),
+        )
+        md = table(report)
+        write_text(Path(out) / "toy_quality.json", json.dumps(report, indent=1))
+        write_text(Path(out) / "toy_quality.md", md + "\n")
+        print(md, flush=True)
+    if science or science_only:
+        size = int(pipe.vae.config.sample_size)
+        summary = measure_science(
+            pipe,
+            SamplingOptions.from_spec(spec, width=size, height=size),
+            out,
+            model_name=spec.name,
+            lens_prompts_n=lens_prompts,
+            lens_steps=steps,
+            grid=grid,
+            settle_points=settle_points,
+            reader_train=reader_train,
+            batch_size=min(batch, 16),
+        )
+        md = science_table(summary)
+        write_text(Path(out) / "science.md", md + "\n")
+        print(md, flush=True)
 
 
 if __name__ == "__main__":  # python -m flux_ir.toy.cli train|quality ...
