@@ -9,7 +9,7 @@ one of its 64 image tokens at the last 4 of 16 steps (single block 6, conditiona
 z = TopK(W_enc (x - b_dec) + b_enc), x_hat = W_dec z + b_dec, with unit-norm decoder columns, trained
 with Adam on the mean squared error. A feature's score on an image is its mean activation over the
 image's tokens; the figure shows, for the features that fire most often, the images that score
-highest, with the tokens where the feature fires outlined.
+highest, with the tokens where the feature is silent darkened.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main() -> None:
 
 @torch.no_grad()
 def figure(pipe, ds, sae, mean, scale, captions, entries, path: Path, features=4, per=5):
-    """Top features (by how often they fire) x the images where they fire most, tokens outlined."""
+    """Top features (by how often they fire) x the images where they fire most (silent tokens
+    darkened)."""
     import matplotlib
 
     matplotlib.use("Agg")
