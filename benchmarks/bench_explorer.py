@@ -52,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="the explorer's batch size (n * n)")
     p.add_argument("--port", type=int, default=8777)
     p.add_argument("--screenshots", default=None, help="also take the README's screenshots here")
+    p.add_argument(
+        "--screenshots_only", action="store_true", help="take the screenshots, skip the timing"
+    )
+    p.add_argument(
+        "--shot_steps", type=int, default=8, help="denoising steps of the screenshots' runs (8)"
+    )
     args = p.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("flux-tiny" if smoke else "flux-toy")
@@ -138,6 +144,9 @@ def main(argv=None) -> None:
     from flux_ir.sweep import GridSpec, run_sweep
 
     pipe, spec = load_pipeline(args.model, device=args.device)
+    if args.screenshots_only:
+        take_screenshots(pipe, spec, args, Path(args.screenshots or "docs"))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench_explorer_"))
     n = args.n
     try:
@@ -231,6 +240,7 @@ def main(argv=None) -> None:
 def take_screenshots(pipe, spec, args, out: Path) -> None:
     """docs/explorer-sweep.png (a 6 x 6 sweep: Lipschitz overlay, hover, a path) and
     docs/explorer-capture.png (a capture run: lens viewer and metrics), with headless Chromium."""
+    import argparse
     import threading
 
     from selenium import webdriver
@@ -245,15 +255,16 @@ def take_screenshots(pipe, spec, args, out: Path) -> None:
     from flux_ir.workflows import capture_to_dir
     from flux_ir.workflows.metrics_run import capture_metrics
 
+    shots = argparse.Namespace(**{**vars(args), "steps": args.shot_steps})
     work = Path(tempfile.mkdtemp(prefix="explorer_shots_"))
     try:
         cfg = sweep_config(
-            spec, args, GridSpec(alpha=(-0.5, 1.5), beta=(-0.5, 1.5), n_alpha=6, n_beta=6)
+            spec, shots, GridSpec(alpha=(-0.5, 1.5), beta=(-0.5, 1.5), n_alpha=6, n_beta=6)
         )
         run_sweep(pipe, cfg, work / "sweep", batch_size=12, phase_pool=4, progress=False)
         analyze_sweep(work / "sweep", PixelEmbedder())
         opts = CaptureOptions.from_spec(
-            spec, seed=3, num_steps=args.steps, width=args.size, height=args.size
+            spec, seed=3, num_steps=shots.steps, width=args.size, height=args.size
         )
         run_dir = capture_to_dir(pipe, spec, opts, work / "runs")
         capture_metrics(run_dir)

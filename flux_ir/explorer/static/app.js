@@ -82,7 +82,8 @@ async function open(kind, path, push = true) {
     }
   }
   saveHistory();
-  location.hash = `${kind}=${encodeURIComponent(path)}`;
+  state.hash = `#${kind}=${encodeURIComponent(path)}`;
+  if (location.hash !== state.hash) location.hash = state.hash;
   try {
     if (kind === "sweep") await showSweep(path);
     else await showCapture(path);
@@ -389,8 +390,7 @@ async function zoom(alpha, beta) {
   try {
     const job = await api("/api/zoom", { sweep: v.path, alpha, beta, n_alpha: n, n_beta: n });
     await loadEntries();
-    await open("sweep", job.sweep);
-    startPolling(job.job, job.sweep);
+    await open("sweep", job.sweep);  // shows the pending sweep and follows its job
   } catch (err) {
     status(err.message, true);
   }
@@ -399,24 +399,26 @@ async function zoom(alpha, beta) {
 function stopPolling() {
   if (state.poll) clearTimeout(state.poll);
   state.poll = null;
+  state.pollGen = (state.pollGen || 0) + 1;  // a tick in flight of an older loop stops
 }
 
 function startPolling(jobId, sweepPath) {
   stopPolling();
+  const gen = state.pollGen;
   $("progress").hidden = false;
   let seen = -1;
   const tick = async () => {
     let job;
     try { job = await api(`/api/job?id=${jobId}`); } catch (err) { status(err.message, true); return; }
     const v = state.view;
-    if (!v || v.path !== sweepPath) return;  // navigated away: the job goes on
+    if (gen !== state.pollGen || !v || v.path !== sweepPath) return;  // navigated away
     $("progress-bar").max = job.total;
     $("progress-bar").value = job.done;
     $("progress-text").textContent = `${job.state}: ${job.done} of ${job.total} images`;
     if (job.done !== seen || job.state === "done") {
       seen = job.done;
       const fresh = await api(`/api/sweep?path=${encodeURIComponent(sweepPath)}`);
-      if (state.view && state.view.path === sweepPath) {
+      if (gen === state.pollGen && state.view && state.view.path === sweepPath) {
         state.view = fresh;
         for (const p of fresh.points) {
           const div = $("grid").querySelector(`.cell[data-index="${p.index}"]`);
@@ -434,12 +436,11 @@ function startPolling(jobId, sweepPath) {
       status(`zoom ${job.total} points in ${fmt(t.total_s, 3)} s (model load ${fmt(t.load_s || 0, 2)} s, ` +
         `generation ${fmt(t.generate_s || 0, 3)} s, analysis ${fmt(t.analyse_s || 0, 2)} s)`);
       $("progress").hidden = true;
-      fillOverlays(state.view);
-      paintOverlay();
+      await showSweep(sweepPath);  // the analysis is there now: overlays, norms
       loadEntries();
       return;
     }
-    state.poll = setTimeout(tick, 400);
+    if (gen === state.pollGen) state.poll = setTimeout(tick, 400);
   };
   tick();
 }
@@ -702,12 +703,10 @@ async function start() {
   if (m) open(m[1], decodeURIComponent(m[2]));
   else if (entries.length === 1) open(entries[0].kind, entries[0].path);
   updateNav();
-  window.addEventListener("hashchange", () => {
+  window.addEventListener("hashchange", () => {  // an address typed or the browser's own back
+    if (location.hash === state.hash) return;  // set by open() itself
     const h = location.hash.match(/^#(sweep|capture)=(.*)$/);
-    const v = state.view;
-    if (h && !(v && v.kind === h[1] && v.path === decodeURIComponent(h[2]))) {
-      open(h[1], decodeURIComponent(h[2]));
-    }
+    if (h) open(h[1], decodeURIComponent(h[2]));
   });
 }
 
