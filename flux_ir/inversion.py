@@ -1,23 +1,26 @@
 """Inversion: real images to the noise from which the sampler regenerates them.
 
     opts = SamplingOptions(prompt="", width=64, height=64, num_steps=4, max_sequence_length=32)
-    images = torch.rand(2, 3, 64, 64)                        # [B, 3, H, W] in [0, 1] (or PIL images)
-    clean = encode_images(pipe, images)                      # packed clean latents [2, 16, 64], sigma 0
-    noise = invert_latents(pipe, opts, clean, progress=False)  # packed noise [2, 16, 64], sigma 1
-    out = generate(pipe, opts, latents=noise.to(pipe.transformer.dtype), output_type="latent")
-    (out.images.float() - clean).abs().max()                 # small: the sampler undoes the inversion
+    images = generate(pipe, opts, seed=3, output_type="pt").images    # [1, 3, 64, 64] in [0, 1]
+    noise = invert_images(pipe, opts, images, progress=False)          # packed noise [1, 16, 64], sigma 1
+    again = generate(pipe, opts, latents=noise.to(pipe.transformer.dtype), output_type="pt").images
+    psnr(again, images)                       # [1] dB (flux-toy's scenes: about 35, see the README)
+    clean = encode_images(pipe, images)       # the VAE half alone: packed clean latents [1, 16, 64]
 
-`encode_images` is the VAE encoder's mode with FLUX's shift and scale, `(mode - shift) * scale`,
-packed as the transformer reads latents (`flux_ir.geometry.pack_latents`). `invert_latents` runs the
-sampler backwards: FluxPipeline's Euler step is x_{k+1} = x_k + (s_{k+1} - s_k) v(x_k, t_k) on the
-sigmas s_0 = 1 > ... > s_K = 0 the pipeline computes (`flow_schedule`: the scheduler's shift, or its
-resolution-dependent shift mu), so inversion solves x_k = x_{k+1} - (s_{k+1} - s_k) v(x_k, t_k) from
-the clean latent x_K to the noise x_0, with the velocity the sampler uses: the same prompt
-embeddings, distilled guidance and true CFG (`opts`, or the empty prompt). x_k is unknown inside
-v, so each step evaluates v once at a guess, x_{k+1} moved back along the previous step's velocity
-(one transformer pass per step, as sampling; with true CFG two); `refine` n adds n fixed-point
-passes x_k <- x_{k+1} - (s_{k+1} - s_k) v(x_k, t_k) per step, which converge to the exact inverse
-of the Euler step where the step is small against the velocity's Lipschitz constant.
+Images may also be PIL images or files of exactly the sampling size (`load_image`; other sizes are
+refused, not resized). `encode_images` is the VAE encoder's mode with FLUX's shift and scale,
+`(mode - shift) * scale`, packed as the transformer reads latents (`flux_ir.geometry.pack_latents`).
+`invert_latents` runs the sampler backwards: FluxPipeline's Euler step is
+x_{k+1} = x_k + (s_{k+1} - s_k) v(x_k, t_k) on the sigmas s_0 = 1 > ... > s_K = 0 the pipeline
+computes (`flow_schedule`: the scheduler's shift, or its resolution-dependent shift mu), so inversion
+solves x_k = x_{k+1} - (s_{k+1} - s_k) v(x_k, t_k) from the clean latent x_K to the noise x_0, with
+the velocity the sampler uses: the same prompt embeddings (`opts.prompt`, one prompt per image with
+`prompts=`, or the empty prompt), distilled guidance and true CFG. x_k is unknown inside v, so each
+step evaluates v once at a guess, x_{k+1} moved back along the previous step's velocity (one
+transformer pass per step, as sampling; two with true CFG). `refine` n adds n fixed-point passes
+x_k <- x_{k+1} - (s_{k+1} - s_k) v(x_k, t_k) per step: they converge to the exact inverse of the
+Euler step where the step is small against the velocity's Lipschitz constant (flux-tiny: ~10x
+smaller error per pass) and diverge where it is not (flux-toy at 16 steps: worse; see the README).
 
 The noise is float32 on the pipeline's device: `.to(pipe.transformer.dtype)` it for `generate`, or
 unpack it (`flux_ir.geometry.unpack_latents`) for a sweep's vertex latents [B, 16, H/8, W/8].

@@ -18,6 +18,7 @@ from flux_ir.inversion import (
     encode_images,
     flow_schedule,
     invert_latents,
+    invert_renders,
     invert_to_vertices,
     prompt_direction,
 )
@@ -364,6 +365,27 @@ def test_direction_prompts_need_a_direction_path_and_one_start(tmp_path):
         tiny, width=SIZE, height=SIZE, grid=grid, direction_prompts=("a", "b"), vertex_images=one
     )
     assert len(start.vertex_images_sha256) == 1
+
+
+def test_a_direction_sweep_from_two_prompts_keeps_the_start_and_both_inverted_renders(
+    tiny, tmp_path
+):
+    out = tmp_path / "dir"
+    args = ["sweep", *TINY, "--path", "direction", "--points", "2", "--alpha", "0,0.5"]
+    args += ["--direction_from", "a cat", "--direction_to", "a dog", "--progress=False"]
+    assert main([*args, "--seeds", "7", "--output_dir", str(out)]) == 0
+    from safetensors.torch import load_file
+
+    vertices = load_file(out / "vertices.safetensors")["vertices"]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["sweep"]["direction_prompts"] == ["a cat", "a dog"] and meta["sweep"]["seeds"] == [
+        7
+    ]
+    start = vertex_latents((7,), SIZE, SIZE)
+    cfg = SweepConfig.from_signature(meta["sweep"])
+    renders = invert_renders(tiny[0], cfg.sampling, start[0], ("a cat", "a dog"), progress=False)
+    assert torch.equal(vertices[0], start[0]) and torch.allclose(vertices[1:], renders, atol=1e-5)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["a000_b000.png", "a001_b000.png"]
 
 
 def test_a_prompt_direction_is_the_difference_of_two_inverted_renders(tiny):

@@ -91,6 +91,8 @@ class SweepConfig:
         }[n]
         seeds = DEFAULT_SEEDS[:n] if self.seeds is None else self.seeds
         seeds = seeds.split(",") if isinstance(seeds, str) else seeds
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            seeds = (seeds,)  # one seed, as a command line parses "--seeds 7"
         try:
             seeds = tuple(int(s) for s in seeds)
         except (TypeError, ValueError) as err:
