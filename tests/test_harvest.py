@@ -251,7 +251,8 @@ def test_two_processes_share_the_shards(tiny, tmp_path):
     assert two.complete and two.manifest["processes"] == 2
     pipe, spec = tiny
     entries = read_prompts(prompts, SPEC, **SMALL)
-    opts = HarvestOptions(Selection.parse("none", "-1"), batch_size=1, shard_mb=1e-6)
+    sel = Selection.parse("none", "-1", streams="img")  # the command line's default streams
+    opts = HarvestOptions(sel, batch_size=1, shard_mb=1e-6)
     run_harvest(pipe, entries, tmp_path / "one", opts, model_name=spec.name, progress=False)
     one = open_dataset(tmp_path / "one")
     assert one.index.equals(two.index)

@@ -64,8 +64,10 @@ def harvest(
         num_steps: denoising steps for entries that do not say (default: the model's).
         guidance: distilled guidance scale for entries that do not say (default: the model's;
             ignored by schnell and flux-toy).
-        negative_prompt: negative prompt for entries that do not say (true CFG; flux-toy: "").
-        true_cfg_scale: true CFG scale for entries that do not say (flux-toy: 2).
+        negative_prompt: negative prompt for entries that do not say (true CFG; default: the
+            model's: none; flux-toy: "").
+        true_cfg_scale: true CFG scale for entries that do not say (default: the model's: 1, off;
+            flux-toy: 2).
         scheduler: euler, dpm++2m, dpm++3m or unipc for entries that do not say (default: euler,
             FLUX's own).
         double_blocks, single_blocks: blocks to keep: "all", "none", or indices and ranges like
@@ -73,7 +75,8 @@ def harvest(
         steps: denoising steps to keep, the same syntax ("0,-1": first and last).
         streams: "img" (image tokens), "txt" (text tokens) or "both".
         store_dtype: float32, float16 or bfloat16 (default: the model's dtype).
-        reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens) before keeping.
+        reduce: "mean" (over tokens) or "poolK" (K x K pooling of image tokens) before keeping
+            (default: none, every token).
         tokens_per_image: keep this many random image tokens per image (the same positions at
             every step and block; default: all).
         token_seed: seed of the token subsampling.
