@@ -459,9 +459,8 @@ class AttentionTrace:
         self._recorded = False
         self._txt_len = 0
         self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._kernels: dict[
-            tuple, bool
-        ] = {}  # input signature -> the lse kernel gives SDPA's output
+        # input signature -> whether the kernel that returns the logsumexp gives SDPA's output
+        self._kernels: dict[tuple, bool] = {}
 
     @property
     def maps(self) -> AttentionMaps:
