@@ -129,6 +129,37 @@ def test_maps_are_the_rows_of_an_explicit_softmax(tiny, monkeypatch, heads, max_
             torch.testing.assert_close(maps[kind, index, -1, "img->txt"], img_txt)
 
 
+def test_concept_maps_are_a_softmax_over_tokens_of_attention_outputs(tiny, monkeypatch):
+    pipe = tiny[0]
+    opts = small_sampling(num_steps=2)
+    outputs = []  # each attention call's output [B, S, heads, d], as the processor gets it
+    dispatch = transformer_flux.dispatch_attention_fn
+
+    def spy(query, key, value, *args, **kw):
+        outputs.append(dispatch(query, key, value, *args, **kw))
+        return outputs[-1]
+
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    tokens = [*token_indices(pipe, opts.prompt, ["photo", "cat"]).values(), 12]
+    with AttentionTrace(
+        pipe.transformer, tokens=tokens, steps=(-1,), num_steps=2, direction="txt->img, concept"
+    ) as trace:
+        generate(pipe, opts, seed=3)
+    maps = trace.maps
+    assert maps.directions == ("txt->img", "concept")
+    t = pipe.transformer
+    blocks = [("double", i) for i in range(len(t.transformer_blocks))]
+    blocks += [("single", i) for i in range(len(t.single_transformer_blocks))]
+    n_txt, grid = opts.max_sequence_length, opts.token_grid
+    for (kind, index), out in zip(blocks, outputs[len(blocks) :], strict=True):
+        o = out.double().flatten(2)  # [B, S, heads * d]
+        sim = o[:, n_txt:] @ o[:, tokens].transpose(1, 2)  # [B, N, T]
+        expected = sim.softmax(-1).transpose(1, 2).reshape(1, 3, *grid).float()
+        torch.testing.assert_close(maps[kind, index, -1, "concept"], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError, match="both directions"):
+        maps["single", 0, -1]
+
+
 # -- (3) hooks never outlive the context --------------------------------------------------------------
 def test_hooks_are_removed_after_an_exception(tiny):
     pipe = tiny[0]

@@ -23,7 +23,10 @@ kernel only what the selection needs:
   comes from the attention kernel itself (flash / memory-efficient / cuDNN on CUDA, flash on the
   CPU: the kernel torch's SDPA picks, called with the same inputs; its output is checked bit for
   bit against SDPA's once per run and input shape, and used as the model's attention output); where
-  no such kernel gives the very output, it is computed on the side in chunks of queries.
+  no such kernel gives the very output, it is computed on the side in chunks of queries;
+- "concept" (in the spirit of ConceptAttention): the attention outputs themselves, each image
+  token's output o_n [heads * d] against each chosen text token's output o_t: softmax over the T
+  chosen tokens of o_n . o_t, [B, T, H/16, W/16] (choose several tokens: the maps of one sum to 1).
 Probabilities are averaged over the heads (or the chosen `heads`) on the device, kept there until
 the context exits (no host sync per block), then moved to the CPU as float32. The model's attention
 output is the one plain generation computes, so generated images are bit for bit those of a run
@@ -58,6 +61,8 @@ if TYPE_CHECKING:
     from diffusers import FluxPipeline
 
 DIRECTIONS = ("txt->img", "img->txt")
+CONCEPT = "concept"  # image tokens' attention outputs projected on the chosen tokens' outputs
+ALL_DIRECTIONS = (*DIRECTIONS, CONCEPT)
 PASSES = ("cond", "uncond")
 KINDS = ("double", "single")
 LOGSUMEXP = ("auto", "exact")
@@ -73,7 +78,8 @@ class AttentionOptions:
     tokens: T5 positions of the text tokens, a list or `{name: position}` (`token_indices` gives one).
     double_blocks, single_blocks, steps: indices or ranges as in `Selection` (None: all; negative:
     from the end; steps need the run's `num_steps` for that). heads: "mean" (all heads) or head
-    indices whose average is kept. direction: "txt->img", "img->txt" or "both". passes: "cond"
+    indices whose average is kept. direction: "txt->img", "img->txt", "both" (those two),
+    "concept", or a comma-separated list of them ("txt->img,concept"). passes: "cond"
     (default), "uncond" or "both" (true CFG's unconditional pass). logsumexp: how img->txt rows are
     normalised: "auto" takes each image query's logsumexp from the attention kernel itself where
     that kernel gives the model's output bit for bit (checked once per run), else computes it;
@@ -85,7 +91,7 @@ class AttentionOptions:
     >>> AttentionOptions(tokens=[2], direction="img->img")
     Traceback (most recent call last):
     ...
-    flux_ir.errors.InvalidArgumentError: direction 'img->img': choose one of txt->img, img->txt, both
+    flux_ir.errors.InvalidArgumentError: direction 'img->img': choose txt->img, img->txt, concept or both (or a comma-separated list)
     """
 
     tokens: tuple[int, ...] | Mapping[str, int] | Sequence[int] | int
@@ -143,9 +149,12 @@ class AttentionOptions:
                 )
             heads = tuple(sorted(set(heads)))
         object.__setattr__(self, "heads", heads)
-        if self.direction not in (*DIRECTIONS, "both"):
+        parts = [d.strip() for d in str(self.direction).split(",")]
+        parts = [x for d in parts for x in (DIRECTIONS if d == "both" else (d,))]
+        if not isinstance(self.direction, str) or any(d not in ALL_DIRECTIONS for d in parts):
             raise InvalidArgumentError(
-                f"{{param}} {self.direction!r}: choose one of {', '.join(DIRECTIONS)}, both",
+                f"{{param}} {self.direction!r}: choose {', '.join(DIRECTIONS)}, {CONCEPT} or both "
+                "(or a comma-separated list)",
                 "direction",
             )
         if self.passes not in (*PASSES, "both"):
@@ -167,7 +176,10 @@ class AttentionOptions:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        return DIRECTIONS if self.direction == "both" else (self.direction,)
+        """The recorded directions, in the order of ALL_DIRECTIONS."""
+        parts = [d.strip() for d in self.direction.split(",")]
+        parts = [x for d in parts for x in (DIRECTIONS if d == "both" else (d,))]
+        return tuple(d for d in ALL_DIRECTIONS if d in parts)
 
     @property
     def pass_names(self) -> tuple[str, ...]:
@@ -245,7 +257,8 @@ class AttentionMaps:
         """The stored key of (kind, block, step[, direction]), negatives resolved; KeyError if absent."""
         if direction is None:
             if len(self.directions) != 1:
-                raise KeyError(f"both directions were recorded: name one of {DIRECTIONS}")
+                many = "both directions" if len(self.directions) == 2 else "several directions"
+                raise KeyError(f"{many} were recorded: name one of {self.directions}")
             direction = self.directions[0]
         n = self.num_blocks.get(kind, 0)
         block = block + n if block < 0 else block
@@ -446,9 +459,8 @@ class AttentionTrace:
         self._recorded = False
         self._txt_len = 0
         self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._kernels: dict[
-            tuple, bool
-        ] = {}  # input signature -> the lse kernel gives SDPA's output
+        # input signature -> whether the kernel that returns the logsumexp gives SDPA's output
+        self._kernels: dict[tuple, bool] = {}
 
     @property
     def maps(self) -> AttentionMaps:
@@ -562,11 +574,12 @@ class AttentionTrace:
             )
         return self._index[device]
 
-    def _record(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor | None) -> None:
+    def _record(self, query, key, lse: torch.Tensor | None, out: torch.Tensor) -> None:
         """Rows of softmax(q k^T / sqrt(d)) that the selection needs, from the q and k [B, S, H, d]
         that the attention kernel received (rotated; text first), averaged over heads; `lse`
-        [B, H, S]: the kernel's logsumexp of each query's scaled scores, or None. Kept on the
-        device until the context exits (float32; B * T * N values per block and step)."""
+        [B, H, S]: the kernel's logsumexp of each query's scaled scores, or None; `out` [B, S, H, d]:
+        the kernel's output (for concept maps). Kept on the device until the context exits
+        (float32; B * T * N values per block and step)."""
         maps, (kind, index) = self._active, self._current
         self._recorded = True
         opt = self.options
@@ -600,6 +613,12 @@ class AttentionTrace:
                 p = torch.cat(parts, dim=1)
                 self.normalised["exact"] += 1
             maps.tensors["img->txt", kind, index, step] = p.transpose(1, 2).reshape(shape)
+        if CONCEPT in opt.directions:  # output space: softmax over the T tokens of o_img . o_t
+            o = out if heads is None else out.index_select(2, heads)
+            o_img, o_tok = o[:, n_txt:].flatten(2), o.index_select(1, tok).flatten(2)
+            sim = _scores(o_img[:, :, None], o_tok[:, :, None])[:, 0]  # [B, N, T]
+            p = torch.softmax(sim, dim=-1)
+            maps.tensors[CONCEPT, kind, index, step] = p.transpose(1, 2).reshape(shape)
 
     def _attention(self, call, query, key, value, args) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The processor's attention output, and the kernel's logsumexp [B, H, S] when the kernel
@@ -676,7 +695,7 @@ def _dispatch(query, key, value, *args, **kwargs):
     first = next((t for t in listeners if t._needs_lse), listeners[0])
     out, lse = first._attention(call, query, key, value, (args, kwargs))
     for trace in listeners:
-        trace._record(query, key, lse)
+        trace._record(query, key, lse, out)
     return out
 
 
