@@ -2,7 +2,8 @@
 
     pipe, spec = load_pipeline("flux-toy")                  # or any model trained on the toy scenes
     opts = SamplingOptions.from_spec(spec)                  # 128², 16 steps, true CFG 2
-    lens = measure_lens(pipe, opts, ["a red circle on a blue background"], steps=(8, 15))
+    prompts = ["a red circle on a blue background"]
+    lens = measure_lens(pipe, opts, prompts, steps=(8, 15), double_blocks=(), single_blocks=(7,))
     lens.table[["block", "step", "lens_mse", "latent_mse", "improvement"]]   # one row per (block, step)
     lens.summary["per_step"][8]["share_beating"]          # share of blocks closer than decoding x_8
 
