@@ -2,7 +2,8 @@
 
     pipe, spec = load_pipeline("flux-toy")                  # or any model trained on the toy scenes
     opts = SamplingOptions.from_spec(spec)                  # 128², 16 steps, true CFG 2
-    lens = measure_lens(pipe, opts, ["a red circle on a blue background"], steps=(8, 15))
+    prompts = ["a red circle on a blue background"]
+    lens = measure_lens(pipe, opts, prompts, steps=(8, 15), double_blocks=(), single_blocks=(7,))
     lens.table[["block", "step", "lens_mse", "latent_mse", "improvement"]]   # one row per (block, step)
     lens.summary["per_step"][8]["share_beating"]          # share of blocks closer than decoding x_8
 
@@ -62,7 +63,6 @@ from flux_ir.toy.scenes import (
 )
 
 ATTRIBUTES = ("background", "colour", "shape")
-DEFAULT_LENS_STEPS = (4, 6, 8, 10, 12, 14, 15)  # around the middle of 16 steps, and the end
 IGNORE = -100  # label of an attribute a training render does not have (the colour of no shape)
 
 
@@ -241,6 +241,17 @@ def spearman(x, y) -> float:
     return float(x.rank().corr(y.rank()))
 
 
+def default_lens_steps(num_steps: int) -> list[int]:
+    """Steps from a quarter of the run to its end, every num_steps/8-th, and the last step.
+
+    >>> default_lens_steps(16)
+    [4, 6, 8, 10, 12, 14, 15]
+    """
+    return sorted(
+        set(range(num_steps // 4, num_steps - 1, max(1, num_steps // 8))) | {num_steps - 1}
+    )
+
+
 def resolve_steps(steps, num_steps: int, param: str = "steps") -> list[int]:
     """Denoising steps (negative: from the end; None: all; text such as "4-8,15" as a capture
     selection reads it) -> sorted distinct steps in [0, num_steps).
@@ -290,7 +301,7 @@ def measure_lens(
     opts: SamplingOptions,
     prompts: list[str],
     *,
-    steps=DEFAULT_LENS_STEPS,
+    steps=None,
     seed: int = 0,
     model_name: str = "unknown",
     double_blocks: tuple[int, ...] | None = None,
@@ -299,7 +310,8 @@ def measure_lens(
     progress: bool = False,
 ) -> LensReport:
     """Per prompt (seed `seed + i`), sample with `opts` (true CFG included: the lens combines both
-    passes as the sampler does) while capturing every block's image tokens at `steps`; decode every
+    passes as the sampler does) while capturing every block's image tokens at `steps` (None:
+    `default_lens_steps`); decode every
     block's x0 lens and, as the baseline, the current latent x_k itself (unpacked, VAE-decoded, no
     model call); score both by the MSE to the final image (the decode of the final latents, float).
 
@@ -314,7 +326,11 @@ def measure_lens(
     """
     if not prompts:
         raise InvalidArgumentError("{param} must name at least one prompt", "prompts")
-    ks = resolve_steps(steps, opts.num_steps)
+    ks = (
+        default_lens_steps(opts.num_steps)
+        if steps is None
+        else resolve_steps(steps, opts.num_steps)
+    )
     rows = []
     for i, prompt in enumerate(tqdm(prompts, desc="lens", unit="prompt", disable=not progress)):
         sampling = replace(opts, prompt=prompt)
@@ -678,7 +694,7 @@ def measure_science(
     *,
     model_name: str = "unknown",
     lens_prompts_n: int = 32,
-    lens_steps=DEFAULT_LENS_STEPS,
+    lens_steps=None,
     grid: int = 20,
     settle_points: int | None = 64,
     reader_train: int = 1024,

@@ -102,7 +102,7 @@ def quality(
     checker_scenes: int = 200,
     science: bool = True,
     science_only: bool = False,
-    lens_steps: str = "4,6,8,10,12,14,15",
+    lens_steps: str | None = None,
     settle_points: int = 64,
     reader_train: int = 1024,
 ) -> None:
@@ -121,7 +121,7 @@ def quality(
     Args:
         weights: weights directory (default: $FLUX_IR_TOY_WEIGHTS, else the package's).
         device: cpu or cuda.
-        out: directory for toy_quality.json and toy_quality.md.
+        out: directory for toy_quality.json and toy_quality.md (and the science bars' files).
         samples: samples for the adherence bars.
         grid: points along each side of the neutral-prompt grid.
         lens_prompts: prompts for the lens bar.
@@ -133,7 +133,8 @@ def quality(
         science: measure the science bars after the quality bars.
         science_only: measure only the science bars.
         lens_steps: denoising steps at which blocks are decoded against x_k, e.g. 4,8,12,-1 or
-            8-10 (negative: from the end; all: every step).
+            8-10 (negative: from the end; all: every step; default: from a quarter of the
+            run on, every eighth of it, and the last step: 4,6,...,14,15 for 16 steps).
         settle_points: grid points whose every step's x0 is decoded for the settling bar.
         reader_train: VAE-encoded renders the latent classifier trains on.
     """
@@ -143,7 +144,12 @@ def quality(
     from flux_ir.io.atomic import write_text
     from flux_ir.models import LoadOptions, load_pipeline, resolve_model
     from flux_ir.sampling import SamplingOptions
-    from flux_ir.toy.bars import measure_science, resolve_steps, science_table
+    from flux_ir.toy.bars import (
+        default_lens_steps,
+        measure_science,
+        resolve_steps,
+        science_table,
+    )
 
     if world not in (1, 2):
         raise InvalidArgumentError(f"{{param}} must be 1 or 2, got {world!r}", "world")
@@ -154,7 +160,12 @@ def quality(
         dtype=torch.float32,
         weights_dir=None if weights is None else str(weights),
     )
-    steps = resolve_steps(lens_steps, resolve_model(model).num_steps, "lens_steps")
+    n_steps = resolve_model(model).num_steps
+    steps = (
+        default_lens_steps(n_steps)
+        if lens_steps is None
+        else resolve_steps(lens_steps, n_steps, "lens_steps")
+    )
     pipe, spec = load_pipeline(load)
     if world == 2 and not science_only:
         from flux_ir.toy.quality2 import measure_world2, table2
