@@ -147,6 +147,7 @@ def summarise(regen: torch.Tensor, inputs: torch.Tensor, checked_inputs, labels)
         "psnr_min": p.min().item(),
         "share_ge_25dB": (p >= 25).float().mean().item(),
         "same_scene": same_scene(checked, checked_inputs).float().mean().item(),
+        "other_scene": torch.nonzero(~same_scene(checked, checked_inputs)).flatten().tolist(),
         "asked_scene": truth.float().mean().item(),
         "psnr_all": p.tolist(),
     }
@@ -239,6 +240,7 @@ def main(argv=None) -> dict:
         stats.update(seconds=seconds, steps=default_steps, n=n)
         result["modes"][mode] = stats
         rows.append({"mode": mode, **{k: v for k, v in stats.items() if k != "psnr_all"}})
+        rows[-1].pop("other_scene")
         print(f"{mode}: {rows[-1]}", flush=True)
 
     curve_rows = []
@@ -379,7 +381,7 @@ def picture(path, inputs, regenerated, modes, grid_images, grid_n, chosen, check
     shown = min(6, len(inputs), *(len(v) for v in regenerated.values()))
     rows = 1 + len(modes)
     fig = plt.figure(figsize=(13, 6.2), dpi=100)
-    left = fig.add_gridspec(rows, shown, left=0.01, right=0.50, top=0.92, bottom=0.02, wspace=0.04)
+    left = fig.add_gridspec(rows, shown, left=0.035, right=0.50, top=0.92, bottom=0.02, wspace=0.04)
     for r in range(rows):
         images = inputs if r == 0 else regenerated[modes[r - 1]]
         label = "input" if r == 0 else f"{modes[r - 1]}"
@@ -405,7 +407,17 @@ def picture(path, inputs, regenerated, modes, grid_images, grid_n, chosen, check
             if corner:
                 for spine in ax.spines.values():
                     spine.set_edgecolor("red"), spine.set_linewidth(2)
-                ax.set_title(corner, fontsize=8, pad=2, color="red")
+                ax.text(
+                    0.04,
+                    0.96,
+                    corner,
+                    transform=ax.transAxes,
+                    ha="left",
+                    va="top",
+                    fontsize=9,
+                    color="white",
+                    bbox={"facecolor": "red", "edgecolor": "none", "pad": 1.5},
+                )
     fig.text(
         0.77,
         0.96,

@@ -51,8 +51,6 @@ if TYPE_CHECKING:
     from diffusers import FluxPipeline
     from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 # -- images in ------------------------------------------------------------------------------------
 def load_image(path: str | Path, width: int, height: int, param: str = "image") -> torch.Tensor:
@@ -124,7 +122,7 @@ def encode_images(pipe: FluxPipeline, images, batch_size: int = 8) -> torch.Tens
     cfg = vae.config
     out = []
     for lo in range(0, x.shape[0], batch_size):
-        part = x[lo : lo + batch_size].to(device, vae.dtype) * 2 - 1
+        part = (x[lo : lo + batch_size] * 2 - 1).to(device, vae.dtype)
         mode = vae.encode(part).latent_dist.mode()
         out.append((mode.float() - cfg.shift_factor) * cfg.scaling_factor)
     return pack_latents(torch.cat(out))

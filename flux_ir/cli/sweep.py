@@ -101,10 +101,10 @@ def sweep(
             grid).
         points: points on the path (default 10, at least 2); images a000_b000.png, a001_b000.png, ...
         noise_level: standard deviation of the Gaussian noise added to every point before it is
-            normalised, seeded per point (the Hessian-geometry paper's --noise_level; default 0).
+            normalised, seeded per point (the Hessian-geometry paper's --noise_level).
         repeats: samples per grid point, each with its own noise (needs --noise_level > 0); images
-            a000_b000_r00.png, a000_b000_r01.png, ... (default 1).
-        noise_seed: seeds the per-point noise (default 0).
+            a000_b000_r00.png, a000_b000_r01.png, ...
+        noise_seed: seeds the per-point noise.
         batch_size: images per pipeline call.
         phases: keep every step's x0 latent per point (for per-step phase maps in `analyze`).
         phase_pool: average-pooling factor of the kept x0 latents (must divide H/8 and W/8).

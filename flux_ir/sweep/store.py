@@ -12,11 +12,13 @@ Layout::
 
     <dir>/metadata.json          settings, versions, and per point alpha, beta, row, col, norms, file
     <dir>/points.csv             the same per-point table (pandas.read_csv), `done` = image written
-    <dir>/images/a000_b000.png   one image per point (row = alpha index, col = beta index)
+    <dir>/images/a000_b000.png   one image per point (row = alpha index, col = beta index; with
+                                 repeats a000_b000_r00.png, ...)
     <dir>/phases/a000_b000.npy   optional: per-step x0 latents of the point (float16)
     <dir>/phases/a000_b000_s00.png  optional: the decoded x0 estimate at step 0 (a thumbnail)
     <dir>/parts/points.rankR.csv per process, a batch's rows appended after its images, merged by finalise
     <dir>/claims/a000_b000.0.claim  while a process generates the point: its host, pid and run
+    <dir>/vertices.safetensors   image or prompt vertices: the inverted vertex latents (`sweep_vertices`)
 
 Identity: `check` compares the settings (`cfg.signature()`, under "sweep") and, once the model is
 loaded, the weights' fingerprint (top-level "weights_fingerprint"; sweeps written before it was
