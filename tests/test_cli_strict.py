@@ -496,6 +496,7 @@ def test_multi_gpu_loads_with_a_balanced_device_map(monkeypatch):
 
     class Pipe:
         hf_device_map = {"transformer": 0, "text_encoder_2": 1, "vae": 1, "text_encoder": 0}
+        components: dict = {}  # load_pipeline fingerprints the weights as it loads
 
         def set_progress_bar_config(self, **kw):
             pass
