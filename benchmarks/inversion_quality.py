@@ -428,6 +428,8 @@ def picture(path, inputs, regenerated, modes, grid_images, grid_n, chosen, check
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    with Image.open(path) as im:  # flat colours: a 256-colour palette keeps the file small
+        im.convert("RGB").quantize(256).save(path, optimize=True)
 
 
 if __name__ == "__main__":

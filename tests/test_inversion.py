@@ -312,6 +312,8 @@ def test_a_stochastic_sweep_records_its_noise_and_writes_every_repeat(tmp_path, 
     table = pd.read_csv(out / "points.csv")
     assert list(table["repeat"]) == [0, 1, 0, 1] and table["done"].all()
     capsys.readouterr()
+    assert main(args) == 0  # the same noise resumes
+    assert "4 point(s) already done; generated 0 here" in capsys.readouterr().out
     assert main([*args[:-2], "--noise_seed", "1", "--output_dir", str(out)]) == 2
     assert "differs in: grid" in capsys.readouterr().err  # fmt: skip
 
