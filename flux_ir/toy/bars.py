@@ -228,9 +228,15 @@ class LensReport:
 
 
 def lens_prompts(n: int) -> list[str]:
-    """`n` full captions cycling through shapes, colours and backgrounds (deterministic)."""
+    """`n` full captions cycling through shapes, colours and backgrounds, the background always
+    another colour than the object (deterministic).
+
+    >>> lens_prompts(8)[-1]
+    'a green square on a yellow background'
+    """
+    k = len(COLOURS)
     return [
-        caption(SHAPES[i % len(SHAPES)], COLOURS[i % 6], COLOURS[(i + 1 + i // 6) % 6])
+        caption(SHAPES[i % len(SHAPES)], COLOURS[i % k], COLOURS[(i + 1 + (i // k) % (k - 1)) % k])
         for i in range(n)
     ]
 
