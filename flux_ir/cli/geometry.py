@@ -88,12 +88,12 @@ def geometry(
         lr: Adam learning rate of the fit.
         metric_resolution: points per side of the grid on which the metric is evaluated.
         geodesic: "a_alpha,a_beta:b_alpha,b_beta": a geodesic between two points of the box
-            (several joined by ";").
+            (several joined by ";"; default: none).
         geodesic_points: metric-equidistant points (and images) along each geodesic.
         geodesic_iterations: Adam iterations of each geodesic.
         images: with --geodesic, generate the images along each geodesic and along the straight
             line (loads the sweep's model).
-        model: the model for the images (default: the sweep's).
+        model: the model for the images (default: the sweep's own).
         weights: "pretrained" or "random" (default: as the sweep was made).
         image_batch_size: images per pipeline call.
         seed: seed of the fit (initialisation, split, batches).
