@@ -19,7 +19,7 @@ from flux_ir.analysis.fisher import (
     unit_grid,
 )
 from flux_ir.analysis.fisher_sweep import boundary_contrast, class_boundaries
-from flux_ir.analysis.geodesic import geodesic
+from flux_ir.analysis.geodesic import geodesic, geodesics, positive_part
 from flux_ir.errors import InvalidArgumentError
 
 
@@ -231,6 +231,26 @@ def test_geodesic_of_a_separable_metric_follows_the_known_curve():
     assert flat.deviation < 0.02 and abs(flat.length / flat.line_length - 1) < 1e-3
 
 
+def test_positive_part_drops_negative_eigenvalues():
+    g = torch.randn(200, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = (g + g.transpose(1, 2)) / 2
+    vals, vecs = torch.linalg.eigh(g)
+    expected = vecs @ torch.diag_embed(vals.clamp(min=0)) @ vecs.transpose(1, 2)
+    torch.testing.assert_close(positive_part(g), expected)
+
+
+def test_geodesics_together_equal_geodesics_alone():
+    net = Analytic(lambda u: -(torch.exp(2 * u).sum(1)) / 4)
+    starts, ends = [(0.1, 0.8), (0.2, 0.2)], [(0.9, 0.3), (0.7, 0.9)]
+    both = geodesics(net, starts, ends, n_points=10, iterations=30, n_out=5, progress=False)
+    for k in range(2):
+        alone = geodesic(
+            net, starts[k], ends[k], n_points=10, iterations=30, n_out=5, progress=False
+        )
+        np.testing.assert_allclose(both[k].points, alone.points, atol=1e-5)
+        np.testing.assert_allclose(both[k].energy, alone.energy, rtol=1e-5)
+
+
 def test_geodesic_refuses_points_outside_the_square():
     with pytest.raises(InvalidArgumentError, match="end .* outside"):
         geodesic(FreeEnergyNet(4, 1), (0.1, 0.1), (1.2, 0.5), iterations=1, progress=False)
@@ -260,3 +280,18 @@ def test_class_boundaries_and_contrast():
     c = boundary_contrast(np.where(edge, 4.0, 1.0), classes)
     assert (c.boundary_mean, c.interior_mean, c.ratio) == (4.0, 1.0, 4.0)
     assert (c.boundary_cells, c.interior_cells) == (6, 3)
+
+
+@pytest.mark.slow
+def test_a_wider_network_recovers_the_exact_fisher_metric_within_10_percent():
+    """As the fast test, with a 64-wide network and 1500 steps: about 6% (2% with the exact
+    limiting posteriors, no draws; 7% with 1,000 draws, 9% with 250)."""
+    family = BernoulliFamily()
+    ax = np.linspace(0, 1, 15)
+    points = np.stack(np.meshgrid(ax, ax, indexing="ij"), -1).reshape(-1, 2)
+    post = family.posteriors(points, 2500, 25, 32, np.random.default_rng(0))
+    fit = fit_free_energy(
+        torch.tensor(post), torch.tensor(points), n_samples=25, width=64, steps=1500,
+        eval_every=150, progress=False,
+    )  # fmt: skip
+    assert interior_error(fit.net, family) < 0.10

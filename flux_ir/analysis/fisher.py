@@ -21,10 +21,14 @@ box mapped onto it; `UnitBox` converts):
    (`metric_field`; `metric_tensor` at any points).
 
 N, the number of samples the exponential family's posterior stands for, only sets the metric's
-scale (N g is what the fit sees). For posteriors computed from N draws of a true exponential family
-pass that N: the metric then comes out in its own units. By default (`n_samples=None`) N is chosen
-from the posteriors, 1 / (mean posterior variance per axis), so the fitted F has curvature of order
-one in unit coordinates, which the network learns fastest.
+scale (N g is what the fit sees). By default (`n_samples=None`) N is chosen from the posteriors,
+1 / (mean posterior variance per axis), so the fitted F has curvature of order one in unit
+coordinates, which the network learns fastest. Q_i is centred on the sample's own point u_i, as in
+the paper. The posterior of a true exponential family after M draws is centred on the draws'
+estimate of u_i instead, as far from u_i as it is wide: fitted as it is with N = M, that scatter is
+taken for width and g comes out about 40% low. Its 1/M-th power converges to exp(-D_F(u, u_i))
+(the paper's Theorem 3.1), so such posteriors are fitted raised to the power k/M with N = k << M
+(tests/test_fisher.py: 2,500 draws, k = 25, within 6-8% of the exact metric).
 
 One deliberate difference from the reference code: its bilinear splat takes the fractional part of
 a coordinate before clipping the cell index, which moves samples on the upper edge of the box one

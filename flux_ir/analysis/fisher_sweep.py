@@ -53,7 +53,7 @@ from flux_ir.analysis.fisher import (
     metric_tensor,
     save_free_energy,
 )
-from flux_ir.analysis.geodesic import Geodesic, geodesic
+from flux_ir.analysis.geodesic import Geodesic, geodesics
 from flux_ir.analysis.sweep import open_sweep
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.io.atomic import atomic_path, write_text
@@ -136,11 +136,21 @@ class FisherGeometry:
         return np.linalg.det(self.point_metric)
 
     def add_geodesic(self, start, end, **options) -> SweepGeodesic:
-        """Compute one more geodesic between two (alpha, beta) points (files are not rewritten)."""
-        geo = geodesic(self.net, self.box.to_unit(start), self.box.to_unit(end), **options)
-        result = SweepGeodesic.from_unit(geo, self.box)
-        self.geodesics.append(result)
-        return result
+        """Compute one more geodesic between two (alpha, beta) points (files are not rewritten);
+        options as for `flux_ir.analysis.geodesic.geodesics`."""
+        return self.add_geodesics([(start, end)], **options)[0]
+
+    def add_geodesics(self, pairs, **options) -> list[SweepGeodesic]:
+        """Geodesics between (alpha, beta) point pairs, optimised together (files not rewritten)."""
+        pairs = [(_ab(a, self.box, "geodesic"), _ab(b, self.box, "geodesic")) for a, b in pairs]
+        starts = [self.box.to_unit(a) for a, _ in pairs]
+        ends = [self.box.to_unit(b) for _, b in pairs]
+        found = [
+            SweepGeodesic.from_unit(g, self.box)
+            for g in geodesics(self.net, starts, ends, **options)
+        ]
+        self.geodesics += found
+        return found
 
 
 def default_resolution(n_alpha: int, n_beta: int) -> int:
@@ -165,6 +175,7 @@ def fisher_geometry(
     geodesic_points: int = 10,
     geodesic_iterations: int = 5000,
     through_metric: bool = True,
+    positive: bool = True,
     seed: int = 0,
     device: str | None = None,
     refit: bool = False,
@@ -173,7 +184,9 @@ def fisher_geometry(
     """Posterior, free energy, metric (and geodesics between (alpha, beta) point pairs) of a sweep;
     writes the files listed in the module docstring and returns them with the results.
 
-    `device` (default: cuda when available) runs the posterior, the fit and the metric.
+    `device` (default: cuda when available) runs the posterior, the fit and the metric. The
+    geodesics are optimised together; `through_metric` and `positive` are those of
+    `flux_ir.analysis.geodesic.geodesics` (both True: differences from the reference code).
     """
     _check_settings(
         resolution=resolution,
@@ -288,13 +301,13 @@ def fisher_geometry(
         reused=reused,
         out_dir=out,
     )
-    for a, b in parsed:
-        result.add_geodesic(
-            a,
-            b,
+    if parsed:
+        result.add_geodesics(
+            parsed,
             n_out=geodesic_points,
             iterations=geodesic_iterations,
             through_metric=through_metric,
+            positive=positive,
             progress=progress,
         )
     result.paths = write_fisher(result, settings, stem)

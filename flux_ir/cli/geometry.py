@@ -93,7 +93,7 @@ def geometry(
         geodesic_iterations: Adam iterations of each geodesic.
         images: with --geodesic, generate the images along each geodesic and along the straight
             line (loads the sweep's model).
-        model: the model for the images (default: the sweep's).
+        model: the model for the images (default: the sweep's own).
         weights: "pretrained" or "random" (default: as the sweep was made).
         image_batch_size: images per pipeline call.
         seed: seed of the fit (initialisation, split, batches).
