@@ -76,7 +76,7 @@ def test_resolve_steps_refuses_steps_outside_the_run():
 
 
 def test_quality_refuses_a_lens_step_before_loading_a_model(capsys):
-    argv = ["--science_only", "--lens_steps", "3,16", "--model", "flux-toy"]
+    argv = ["--science_only", "--lens_steps", "3,16"]
     assert run_fire(quality, argv, name="toy_quality.py") == 2
     assert "--lens_steps must lie in [-16, 16) for 16 steps, got 16" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """flux-toy-2: the world of several objects, its checker (clean and noisy renders), the grown model,
 its training and resume, the quality bars; and flux-toy's checker against stray pixels."""
 
+import json
 import random
 
 import pytest
@@ -312,3 +313,20 @@ def test_train_cli_refuses_an_unknown_world(tmp_path, capsys):
 
     assert run_fire(train, ["--out", str(tmp_path), "--world", "3"]) == 2
     assert capsys.readouterr().err.startswith("error: --world must be 1 or 2")
+
+
+def test_toy2_continues_its_own_weights_with_the_vae_frozen(toy2_weights, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    src, *_ = toy2_weights
+    monkeypatch.setattr(train2_module, "Clock", StepClock)
+    cfg = TrainConfig2.smoke_config(out=str(tmp_path), init_from=str(src), dit_steps=2)
+    summary = train_toy2(cfg)
+    assert summary["finished"] and summary["dit_steps_done"] == 2
+    assert "vae_psnr_db" not in summary  # no VAE phase ran
+    for part, same in (("vae", True), ("transformer", False)):
+        a, b = (load_file(str(d / f"{part}.safetensors")) for d in (src, tmp_path))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, part
+    src_cfg, new_cfg = (json.loads((d / "toy.json").read_text()) for d in (src, tmp_path))
+    assert new_cfg["arch"] == src_cfg["arch"]

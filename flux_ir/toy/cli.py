@@ -51,7 +51,8 @@ def train(
         dit_seconds: --world 2: seconds of transformer training over all invocations; the first
             steps are timed and fix the step count (default 640; 0: exactly --dit_steps).
         init_from: --world 2: flux-toy weights directory to grow from (default the package's;
-            "none": random weights).
+            "none": random weights), or flux-toy-2 weights to continue ("flux-toy-2": the
+            package's, or a directory of the same architecture; the VAE stays frozen).
         num_latents: scenes encoded for the transformer phase (default 131072; 16 with --smoke).
     """
     from flux_ir.errors import InvalidArgumentError

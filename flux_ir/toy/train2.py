@@ -7,7 +7,9 @@ Warm start (`init_from`, default the package's flux-toy weights): the VAE and bo
 start from flux-toy's (new T5 words start from their singular or from the mean word, CLIP's extra
 byte positions from its last one), and the transformer grows from 4 + 8 to 6 + 12 blocks: each new
 block is a copy of a neighbour with its residual gates zeroed, so the grown model computes exactly
-what flux-toy computed (a test checks it) and training starts from there.
+what flux-toy computed (a test checks it) and training starts from there. `init_from` naming
+flux-toy-2 weights ("flux-toy-2": the package's, or a directory of this architecture) continues them
+instead: every weight loads as it is, the VAE stays frozen, and a new transformer schedule runs.
 
 1. VAE: fine-tuned on world scenes (textures, black and orange are new), then its shift and scale
    measured again, as in `flux_ir.toy.train`.
@@ -63,12 +65,14 @@ from flux_ir.toy.world import NEUTRAL_CAPTION, WORDS, caption, make_world, parti
 OPTIMIZER_FILE = "optimizer.pt"
 MAX_WORDS = 20  # words in the longest caption, with room to spare
 PACKAGE = "package"  # init_from: flux-toy's weights from the package (or $FLUX_IR_TOY_WEIGHTS)
+CONTINUE = "flux-toy-2"  # init_from: the package's flux-toy-2 weights (or $FLUX_IR_TOY2_WEIGHTS)
 
 
 @dataclass
 class TrainConfig2(TrainConfig):
     """flux-toy-2's run: `TrainConfig`'s knobs with other defaults, plus the warm start
-    (`init_from`: a flux-toy weights directory, "package", or None for random weights), caption
+    (`init_from`: a flux-toy weights directory, "package", "flux-toy-2" or a flux-toy-2 weights
+    directory to continue, or None for random weights), caption
     variants per scene and the transformer's time (`dit_seconds`, None: exactly `dit_steps`)."""
 
     vae_lr: float = 2e-4
@@ -205,13 +209,34 @@ def warm_start(pipe: FluxPipeline, source: FluxPipeline) -> None:
 
 
 def load_init(cfg: TrainConfig2):
-    """The flux-toy pipeline a run starts from, or None."""
+    """The pipeline a run starts from (flux-toy to grow from, or flux-toy-2 weights of this run's
+    architecture to continue), or None."""
     from flux_ir.models.toy import load_toy_pipeline
 
     if cfg.init_from is None:
         return None
+    if cfg.init_from == CONTINUE:
+        return load_toy_pipeline(toy_weights_dir(None, "flux-toy-2"))
     where = None if cfg.init_from == PACKAGE else cfg.init_from
     return load_toy_pipeline(toy_weights_dir(where, "flux-toy"))
+
+
+def same_architecture(pipe: FluxPipeline, source: FluxPipeline) -> bool:
+    """Whether `source` holds weights of `pipe`'s exact architecture (a run to continue)."""
+    return all(
+        {k: v.shape for k, v in getattr(pipe, c).state_dict().items()}
+        == {k: v.shape for k, v in getattr(source, c).state_dict().items()}
+        for c in ("transformer", "vae", "text_encoder", "text_encoder_2")
+    )
+
+
+def continue_from(pipe: FluxPipeline, source: FluxPipeline) -> None:
+    """`pipe` takes every weight of `source` (flux-toy-2 weights), the VAE's shift and scale too."""
+    for c in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, c).load_state_dict(getattr(source, c).state_dict())
+    pipe.vae.register_to_config(
+        shift_factor=source.vae.config.shift_factor, scaling_factor=source.vae.config.scaling_factor
+    )
 
 
 # ----------------------------------------------------------------------------- captions
@@ -581,7 +606,11 @@ def train_toy2(cfg: TrainConfig2, resume: bool = False) -> dict:
         )
     else:
         source = load_init(cfg)
-        if source is not None:
+        if source is not None and same_architecture(pipe, source):
+            continue_from(pipe, source)  # its VAE is trained: straight to the transformer
+            state.phase = "dit"
+            log(f"continuing flux-toy-2 weights ({cfg.init_from}); the VAE stays as it is")
+        elif source is not None:
             warm_start(pipe, source)
             log(f"warm start from flux-toy ({cfg.init_from})")
     pipe.to(device).set_progress_bar_config(disable=True)
