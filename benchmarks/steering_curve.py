@@ -1,7 +1,7 @@
 """The steering curve on flux-toy: how often a red-to-blue vector turns the shape blue, and keeps the
 background, at each scale, over many samples (CPU, the shipped flux-toy weights).
 
-    uv run python benchmarks/steering_curve.py --out benchmarks/results/cpu-2026-12-04   # 50 samples
+    uv run python benchmarks/steering_curve.py --out benchmarks/results/cpu-2026-12-03   # 50 samples
     uv run python benchmarks/steering_curve.py --smoke --out /tmp/steer                 # checks the script
 
 What is measured: a steering vector of single block 5 (`steering_vector`, toward "a blue {circle,
