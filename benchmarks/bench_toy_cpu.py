@@ -9,7 +9,9 @@ shipped float32 weights), then whole `generate` calls of the public API with the
 and the VAE decode included) for one image: the process's first call, then the median of `--repeats`
 later ones, each with its own prompt and seed. `ratio` is flux-toy-2's median over flux-toy's, both
 measured in the same run; the bar for flux-toy-2 is 3 s per image on the 2-core CPU. The machine's
-load average is recorded beside the figures: on a shared CPU they move with it.
+load average is recorded beside the figures: on a shared CPU wall times move with it, so the
+process's CPU seconds per image (`median_cpu_s`, all threads together) are given beside them; on an
+idle machine the wall time approaches them divided by the threads.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ PROMPTS = [
 ]
 
 
-def one_image(pipe, opts: SamplingOptions, i: int) -> float:
-    t0 = time.perf_counter()
+def one_image(pipe, opts: SamplingOptions, i: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process) of one whole `generate` call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     generate(pipe, opts, seed=[i], prompts=[PROMPTS[i % len(PROMPTS)]], progress=False)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(model: str, repeats: int) -> dict:
@@ -55,8 +58,9 @@ def measure(model: str, repeats: int) -> dict:
         steps=opts.num_steps,
         true_cfg=opts.true_cfg_scale,
         load_s=load_s,
-        first_s=first,
-        median_s=statistics.median(later),
+        first_s=first[0],
+        median_s=statistics.median(w for w, _ in later),
+        median_cpu_s=statistics.median(c for _, c in later),
         later_s=later,
         load_average=os.getloadavg()[0],
     )
@@ -73,11 +77,13 @@ def main(argv=None) -> dict:
     repeats = 1 if args.smoke else args.repeats
     rows = [measure(m, repeats) for m in models]
     base = rows[0]["median_s"]
+    base_cpu = rows[0]["median_cpu_s"]
     for r in rows:
         r["ratio"] = r["median_s"] / base
+        r["cpu_ratio"] = r["median_cpu_s"] / base_cpu
     result = dict(threads=args.threads, repeats=repeats, rows=rows)
     columns = ["model", "size", "steps", "true_cfg", "load_s", "first_s", "median_s", "ratio"]
-    columns.append("load_average")
+    columns += ["median_cpu_s", "cpu_ratio", "load_average"]
     note = f"{args.threads} CPU threads.\n\n" + __doc__.split("What is measured:")[1]
     print(write_results(args.out, "toy_cpu", result, rows, columns, note))
     return result
