@@ -131,6 +131,10 @@ class Part:
         self.pipe, self.spec = load(settings["model"], device)
         self.load_s = time.perf_counter() - t0
 
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
+
     def measure(self, name: str) -> dict | None:
         dist = self.dist
         self.warm(0)  # every process: its first call
@@ -142,17 +146,22 @@ class Part:
             unit_s = (clock() - t0) / n
         units = workload(self.args, dist, self.settings["batch"], unit_s)
         units = self.prepare(units)
+        self.say(
+            f"{name}: {units} {UNITS[name]} (warm-up {unit_s} s each), load {self.load_s:.1f} s"
+        )
         dist.barrier()
         one = None
         if dist.is_main:
             t0 = clock()
             self.run(None, "one")
             one = clock() - t0
+        self.say(f"{name}: one GPU {one} s")
         dist.barrier()
         t0 = clock()
         mine = self.run(dist, "all")
         dist.barrier()
         many = clock() - t0
+        self.say(f"{name}: {dist.world} GPUs {many:.2f} s")
         shares = dist.gather(f"{self.device}: {mine}")
         loads = dist.gather(round(self.load_s, 1))
         check = self.check() if dist.is_main else None
