@@ -31,6 +31,10 @@ def patch(
     (block, step) site at a time, and write the causal map: causal_map.json / .csv, causal_map.png
     (heatmap) and causal_grid.png (the patched images) in --output_dir.
 
+    Launch with `torchrun --nproc_per_node N --no-python flux-ir patch ...` (and --nnodes/--node_rank/
+    --master_addr on each of several nodes) to share the batches of sites out over the processes, one
+    GPU each; the first process writes the same files as a one-process run.
+
     Args:
         source_prompt: the prompt whose activations are patched in.
         model: flux-toy (default; its checker reads colour, shape and background of every patched
@@ -49,7 +53,8 @@ def patch(
         span: "step" (the site's step alone), "from" (its step and every later one) or "until"
             (every step up to its own).
         batch_size: patched runs per pipeline call (one site per batch element).
-        device: cuda or cpu (default: cuda when available).
+        device: cuda, cuda:N or cpu (default: cuda when available; under torchrun each process
+            takes the GPU of its LOCAL_RANK).
         weights: "pretrained" or "random" (the architecture with random weights).
         output_dir: where the map's files are written.
         progress: show a progress bar over the sites.
@@ -57,9 +62,11 @@ def patch(
     from flux_ir.capture import CaptureOptions, Selection
     from flux_ir.io.dirs import check_output_dir
     from flux_ir.models import LoadOptions, load_pipeline
+    from flux_ir.sweep.shard import Distributed
     from flux_ir.workflows.patching import PatchOptions, causal_map
 
-    load = LoadOptions.create(model, device, None, weights)
+    dist = Distributed.from_env()
+    load = LoadOptions.create(model, dist.device(device), None, weights)
     sampling = dict(width=width, height=height, num_steps=num_steps, guidance=guidance)
     target = CaptureOptions.from_spec(load.spec, seed=seed, prompt=text(prompt), **sampling)
     source = CaptureOptions.from_spec(
@@ -79,20 +86,30 @@ def patch(
             found = check_images(images)
             return {"colour": found.colour, "shape": found.shape, "background": found.background}
 
-    print(f"loading {load.spec.name} on {load.device} ...", flush=True)
-    pipe, _ = load_pipeline(load)
-    cmap = causal_map(
-        pipe,
-        target,
-        source,
-        selection=selection,
-        stream=how.stream,
-        span=how.span,
-        batch_size=how.batch_size,
-        classify=classify,
-        progress=bool(progress),
-    )
-    paths = cmap.save(out)
-    print(repr(cmap))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+    dist.init(load.device)
+    try:
+        if dist.is_main:
+            print(
+                f"loading {load.spec.name} on {load.device} ({dist.world} process(es)) ...",
+                flush=True,
+            )
+        pipe, _ = load_pipeline(load)
+        cmap = causal_map(
+            pipe,
+            target,
+            source,
+            selection=selection,
+            stream=how.stream,
+            span=how.span,
+            batch_size=how.batch_size,
+            classify=classify,
+            progress=bool(progress),
+            dist=dist,
+        )
+        if dist.is_main:
+            paths = cmap.save(out)
+            print(repr(cmap))
+            for name, path in paths.items():
+                print(f"{name}: {path}")
+    finally:
+        dist.close()

@@ -4,6 +4,7 @@
     points = list(range(10))
     mine = dist.shard(points)              # points[rank::world]
     dist.barrier()                         # gloo on CPU, nccl on CUDA; a no-op for one process
+    dist.gather(len(mine))                 # every process's object, in rank order: [len(mine)] alone
 
 Each process loads its own pipeline on `cuda:LOCAL_RANK` and writes its own points; the metadata is
 merged by rank 0 after the last barrier.
@@ -74,6 +75,14 @@ class Distributed:
     def shard(self, items: Sequence[T]) -> list[T]:
         """This process's share: every `world`-th item starting at `rank` (balanced to within one)."""
         return list(items[self.rank :: self.world])
+
+    def gather(self, obj: T) -> list[T]:
+        """Every process's `obj` (picklable), in rank order, on every process; `[obj]` for one."""
+        if self.world > 1 and torch_dist.is_initialized():
+            out: list = [None] * self.world
+            torch_dist.all_gather_object(out, obj)
+            return out
+        return [obj]
 
     def close(self) -> None:
         if self.owns_group and torch_dist.is_initialized():

@@ -12,6 +12,12 @@ that step and every later one), under true CFG in both passes. Sites are batched
 each element starting from the target's noise. The effect of a site is
 `mean |patched - target| / mean |source - target|` over the final image's pixels (0: nothing changes,
 1: as far as the source), and `classify` (e.g. flux-toy's checker) reads each patched image.
+
+Several processes (`dist=Distributed.from_env()` under torchrun, one pipeline each on
+`cuda:LOCAL_RANK` or the CPU) share the batches out: every process captures the source and runs the
+two plain images itself, patches every `world`-th batch of sites, and the per-site results are gathered
+into the same map on every process. The batches are those of a one-process run (the same sites in the
+same batch positions), so each site's effect, readings and thumbnail are computed exactly as there.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from flux_ir.intervene import Intervention, Site, patch_edits
 from flux_ir.io.atomic import write_text
 from flux_ir.io.png import write_png
 from flux_ir.sampling import generate
+from flux_ir.sweep.shard import Distributed
 
 SPANS = ("step", "from", "until")
 Classifier = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [B, 3, H, W] -> [B] each
@@ -149,13 +156,16 @@ def causal_map(
     classify: Classifier | None = None,
     thumb: int = 48,
     progress: bool = True,
+    dist: Distributed | None = None,
 ) -> CausalMap:
     """Patch every selected (block, step) of the target run with the source run's activations, one
     site at a time (batched); see the module docstring. `selection` picks blocks and steps (default:
     all); `span` says which steps a site patches: "step" (its step alone), "from" (its step and every
     later one) or "until" (every step up to its own); `classify` maps images [B, 3, H, W] in [0, 1]
-    to named readings [B]."""
+    to named readings [B]. `dist`: share the batches of sites out over processes (module docstring;
+    the returned map is whole on every process)."""
     PatchOptions(stream, span, batch_size)
+    dist = dist or Distributed()
     t, s = target.sampling, source.sampling
     if (t.width, t.height, t.num_steps) != (s.width, s.height, s.num_steps):
         raise InvalidArgumentError(
@@ -190,12 +200,21 @@ def causal_map(
     target_px = images_of(target)
     scale = float((source_px - target_px).abs().mean())
     sites = [(r, c) for r in range(len(rows)) for c in range(len(steps))]
-    effect = np.full((len(rows), len(steps)), np.nan)
-    readings: dict[str, np.ndarray] = {}
-    thumbs = np.zeros((len(rows), len(steps), thumb, thumb, 3), dtype=np.uint8)
-    bar = tqdm(total=len(sites), desc="patching", unit="site", disable=not progress)
-    for lo in range(0, len(sites), batch_size):
-        chunk = sites[lo : lo + batch_size]
+    batches = [sites[lo : lo + batch_size] for lo in range(0, len(sites), batch_size)]
+    mine = dist.shard(
+        batches
+    )  # whole batches: each site patched in the batch position it has alone
+    done: list[
+        tuple[int, int, float, np.ndarray, dict[str, int]]
+    ] = []  # r, c, effect, thumb, readings
+    bar = tqdm(
+        total=sum(len(chunk) for chunk in mine),
+        desc=f"patching {dist.rank}/{dist.world}" if dist.world > 1 else "patching",
+        unit="site",
+        disable=not progress,
+        position=dist.rank,
+    )
+    for chunk in mine:
         edits = []
         for j, (r, c) in enumerate(chunk):
             kind, block = rows[r]
@@ -208,17 +227,22 @@ def causal_map(
             edits += patch_edits(source_cap, [site])
         patched = images_of(target, len(chunk), edits)
         diff = (patched - target_px).abs().flatten(1).mean(1) / max(scale, 1e-12)
-        small = torch.nn.functional.interpolate(patched, size=(thumb, thumb), mode="area")
+        small = _pixels(torch.nn.functional.interpolate(patched, size=(thumb, thumb), mode="area"))
         found = classify(patched) if classify is not None else {}
         for j, (r, c) in enumerate(chunk):
-            effect[r, c] = float(diff[j])
-            thumbs[r, c] = _pixels(small[j : j + 1])[0]
-            for name, values in found.items():
-                readings.setdefault(name, np.full(effect.shape, -1, dtype=np.int64))[r, c] = int(
-                    values[j]
-                )
+            read = {name: int(values[j]) for name, values in found.items()}
+            done.append((r, c, float(diff[j]), small[j], read))
         bar.update(len(chunk))
     bar.close()
+    effect = np.full((len(rows), len(steps)), np.nan)
+    readings: dict[str, np.ndarray] = {}
+    thumbs = np.zeros((len(rows), len(steps), thumb, thumb, 3), dtype=np.uint8)
+    for part in dist.gather(done):
+        for r, c, value, small_px, read in part:
+            effect[r, c] = value
+            thumbs[r, c] = small_px
+            for name, v in read.items():
+                readings.setdefault(name, np.full(effect.shape, -1, dtype=np.int64))[r, c] = v
     first = {k: int(v[0]) for k, v in (classify(target_px).items() if classify else [])}
     second = {k: int(v[0]) for k, v in (classify(source_px).items() if classify else [])}
     return CausalMap(
