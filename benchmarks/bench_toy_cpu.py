@@ -6,12 +6,13 @@
 What is measured: for each model, in one process on `--threads` CPU threads, `load_pipeline` (the
 shipped float32 weights), then whole `generate` calls of the public API with the model's defaults
 (128², 16 steps, true CFG 2 against the empty prompt: two transformer passes per step, text encoding
-and the VAE decode included) for one image: the process's first call, then the median of `--repeats`
-later ones, each with its own prompt and seed. `ratio` is flux-toy-2's median over flux-toy's, both
-measured in the same run; the bar for flux-toy-2 is 3 s per image on the 2-core CPU. The machine's
-load average is recorded beside the figures: on a shared CPU wall times move with it, so the
-process's CPU seconds per image (`median_cpu_s`, all threads together) are given beside them; on an
-idle machine the wall time approaches them divided by the threads.
+and the VAE decode included) for one image: each model's first call of the process, then the median
+of `--repeats` later ones, each with its own prompt and seed, the models called in turn in each
+round. `ratio` is flux-toy-2's median over flux-toy's, both measured in the same run; the bar for
+flux-toy-2 is 3 s per image on the 2-core CPU. The machine's load average is recorded beside the
+figures: on a shared CPU wall times move with it, so the process's CPU seconds per image
+(`median_cpu_s`, all threads together) are given beside them; on an idle machine the wall time
+approaches them divided by the threads.
 """
 
 from __future__ import annotations
@@ -45,25 +46,37 @@ def one_image(pipe, opts: SamplingOptions, i: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure(model: str, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    pipe, spec = load_pipeline(model, device="cpu")
-    load_s = time.perf_counter() - t0
-    opts = SamplingOptions.from_spec(spec)
-    first = one_image(pipe, opts, 0)
-    later = [one_image(pipe, opts, i) for i in range(1, repeats + 1)]
-    return dict(
-        model=model,
-        size=f"{opts.width}x{opts.height}",
-        steps=opts.num_steps,
-        true_cfg=opts.true_cfg_scale,
-        load_s=load_s,
-        first_s=first[0],
-        median_s=statistics.median(w for w, _ in later),
-        median_cpu_s=statistics.median(c for _, c in later),
-        later_s=later,
-        load_average=os.getloadavg()[0],
-    )
+def measure(models: list[str], repeats: int) -> list[dict]:
+    """Load every model, time its first call, then `repeats` rounds calling each model in turn."""
+    pipes, rows = {}, []
+    for m in models:
+        t0 = time.perf_counter()
+        pipes[m] = load_pipeline(m, device="cpu")
+        load_s = time.perf_counter() - t0
+        opts = SamplingOptions.from_spec(pipes[m][1])
+        first = one_image(pipes[m][0], opts, 0)
+        rows.append(
+            dict(
+                model=m,
+                size=f"{opts.width}x{opts.height}",
+                steps=opts.num_steps,
+                true_cfg=opts.true_cfg_scale,
+                load_s=load_s,
+                first_s=first[0],
+                later_s=[],
+            )
+        )
+    for i in range(1, repeats + 1):  # round-robin: a drift of the machine hits every model alike
+        for row in rows:
+            pipe, spec = pipes[row["model"]]
+            row["later_s"].append(one_image(pipe, SamplingOptions.from_spec(spec), i))
+    for row in rows:
+        row.update(
+            median_s=statistics.median(w for w, _ in row["later_s"]),
+            median_cpu_s=statistics.median(c for _, c in row["later_s"]),
+            load_average=os.getloadavg()[0],
+        )
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -75,7 +88,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     models = ["flux-tiny"] if args.smoke else [m for m in args.models.split(",") if m]
     repeats = 1 if args.smoke else args.repeats
-    rows = [measure(m, repeats) for m in models]
+    rows = measure(models, repeats)
     base = rows[0]["median_s"]
     base_cpu = rows[0]["median_cpu_s"]
     for r in rows:
