@@ -34,3 +34,15 @@ def test_hook_path_smoke_reports_every_copier(tmp_path, monkeypatch):
     names = [r["copier"] for r in rows]
     assert names == ["null", "sync", "async_pinned", "async_pageable"]
     assert all(r["us_per_hook"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_toy_fisher_smoke_writes_contrasts_geodesics_and_the_picture(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = __import__("toy_fisher")
+    summary = module.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "toy_fisher.json").read_text())
+    assert {r["classes"] for r in result["contrast"]} == {"scene", "shape", "colour", "background"}
+    assert all(r["deviation"] >= 0 for r in result["geodesics"])
+    assert (tmp_path / "toy_fisher.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["resolution"] == 6

@@ -18,7 +18,12 @@ from flux_ir.analysis.fisher import (
     save_free_energy,
     unit_grid,
 )
-from flux_ir.analysis.fisher_sweep import boundary_contrast, class_boundaries
+from flux_ir.analysis.fisher_sweep import (
+    boundary_contrast,
+    class_boundaries,
+    line_cells,
+    line_pairs,
+)
 from flux_ir.analysis.geodesic import geodesic, geodesics, positive_part
 from flux_ir.errors import InvalidArgumentError
 
@@ -280,6 +285,46 @@ def test_class_boundaries_and_contrast():
     c = boundary_contrast(np.where(edge, 4.0, 1.0), classes)
     assert (c.boundary_mean, c.interior_mean, c.ratio) == (4.0, 1.0, 4.0)
     assert (c.boundary_cells, c.interior_cells) == (6, 3)
+
+
+def test_line_pairs_stay_inside_a_class_or_cross_a_boundary():
+    # three regions: a diagonal band of class 2 between class 0 (upper left) and class 1
+    r, c = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    classes = np.where(np.abs(r - c) <= 2, 2, np.where(r < c, 0, 1))
+    pairs = line_pairs(classes, 3, min_cells=4, max_cells=7, min_gap=2)
+    assert len(pairs.same) == 3 and len(pairs.crossing) == 3
+    edge = class_boundaries(classes)
+    # one same-class pair per class before any class is used twice
+    assert {int(classes[a]) for a, _ in pairs.same} == {0, 1, 2}
+    for a, b in pairs.same + pairs.crossing:
+        assert 4 <= pairs.chord((a, b)) <= 7
+        assert not edge[a] and not edge[b]
+        assert min(a + b) >= 1 and max(a + b) <= 14  # a margin of one cell
+    for a, b in pairs.same:
+        cells = line_cells(a, b)
+        assert (classes[cells[:, 0], cells[:, 1]] == classes[a]).all()
+    for a, b in pairs.crossing:
+        assert classes[a] != classes[b]
+    assert len({frozenset(p) for p in pairs.same + pairs.crossing}) == 6
+    assert line_pairs(classes, 3, min_cells=4, max_cells=7, min_gap=2) == pairs  # deterministic
+    one = line_pairs(np.zeros((10, 10), dtype=int), 2, min_cells=3, max_cells=5)
+    assert one.crossing == [] and len(one.same) == 2
+    np.testing.assert_array_equal(line_cells((0, 0), (0, 3))[[0, -1]], [[0, 0], [0, 3]])
+    with pytest.raises(InvalidArgumentError, match="min_cells"):
+        line_pairs(classes, 1, min_cells=5, max_cells=4)
+
+
+def test_boundary_segments_lie_between_cells_of_different_classes():
+    from flux_ir.plots.fisher import boundary_segments
+
+    classes = np.array([[0, 0, 1], [0, 0, 1], [2, 2, 1]])
+    segs = boundary_segments(classes, np.array([0.0, 1.0, 2.0]), np.array([10.0, 12.0, 14.0]))
+    assert segs.shape == (2 + 3, 2, 2)  # rows 1|2 at columns 0, 1; columns 1|2 at rows 0, 1, 2
+    horizontal = segs[segs[:, 0, 1] == segs[:, 1, 1]]
+    np.testing.assert_allclose(sorted(horizontal[:, :, 0].ravel()), [9, 11, 11, 13])
+    assert (horizontal[:, :, 1] == 1.5).all()  # x = beta, y = alpha halfway between rows 1 and 2
+    vertical = segs[segs[:, 0, 0] == segs[:, 1, 0]]
+    assert (vertical[:, :, 0] == 13.0).all() and len(vertical) == 3
 
 
 @pytest.mark.slow

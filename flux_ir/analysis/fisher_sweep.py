@@ -447,6 +447,105 @@ def boundary_contrast(values: np.ndarray, classes: np.ndarray) -> BoundaryContra
     )
 
 
+@dataclass
+class LinePairs:
+    """Pairs of grid cells, (row, col) -> (row, col): `same`, whose straight line stays inside one
+    class, and `crossing`, whose endpoints lie in different classes; `chord` lengths in cells."""
+
+    same: list[tuple[tuple[int, int], tuple[int, int]]]
+    crossing: list[tuple[tuple[int, int], tuple[int, int]]]
+
+    @staticmethod
+    def chord(pair) -> float:
+        (r0, c0), (r1, c1) = pair
+        return math.hypot(r1 - r0, c1 - c0)
+
+
+def line_cells(start, end, per_cell: int = 4) -> np.ndarray:
+    """The grid cells a straight segment between two cell centres passes through, read at
+    `per_cell` samples per cell of length (nearest cell): [k, 2] (row, col), endpoints included."""
+    a, b = np.asarray(start, dtype=np.float64), np.asarray(end, dtype=np.float64)
+    k = max(2, int(math.ceil(per_cell * float(np.linalg.norm(b - a)))) + 1)
+    t = np.linspace(0.0, 1.0, k)[:, None]
+    return np.rint(a * (1 - t) + b * t).astype(np.int64)
+
+
+def line_pairs(
+    classes: np.ndarray,
+    n: int = 3,
+    *,
+    min_cells: float = 5.0,
+    max_cells: float = 9.0,
+    min_gap: float = 3.0,
+    margin: int = 1,
+) -> LinePairs:
+    """Up to `n` pairs of cells of a class map [n_alpha, n_beta] whose straight line stays inside
+    one class, and up to `n` whose endpoints lie in different classes (the line crosses a
+    boundary), for comparing geodesics with the straight line on either side of a boundary.
+
+    Every endpoint is an interior cell (`class_boundaries` False) at least `margin` cells from the
+    map's edge (a geodesic there could only bend one way); a `same` pair's line passes
+    only through cells of its endpoints' class (`line_cells`). Chords are between `min_cells` and
+    `max_cells` cell widths, so both kinds have comparable lengths. Deterministic: candidates are
+    taken longest first (ties in row-major order of the endpoints), `same` pairs from classes not
+    used yet before a class is used twice, each pair's midpoint at least `min_gap` cells from the
+    midpoints of pairs already taken of its kind.
+    """
+    c = np.asarray(classes)
+    if c.ndim != 2:
+        raise InvalidArgumentError(
+            f"{{param}} must be a 2-D class map, got shape {c.shape}", "classes"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InvalidArgumentError(f"{{param}} must be an integer >= 0, got {n!r}", "n")
+    if not 0 < min_cells <= max_cells:
+        raise InvalidArgumentError(
+            f"{{param}} must satisfy 0 < min_cells <= max_cells, got {min_cells!r}, {max_cells!r}",
+            "min_cells",
+        )
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise InvalidArgumentError(f"{{param}} must be an integer >= 0, got {margin!r}", "margin")
+    keep = ~class_boundaries(c)
+    keep[:margin], keep[len(keep) - margin :] = False, False
+    keep[:, :margin], keep[:, keep.shape[1] - margin :] = False, False
+    inside = np.argwhere(keep)  # [m, 2] row-major
+    candidates = []
+    for i in range(len(inside)):
+        for j in range(i + 1, len(inside)):
+            a, b = inside[i], inside[j]
+            d = math.hypot(*(b - a))
+            if min_cells <= d <= max_cells:
+                candidates.append((-d, i, j))
+    candidates.sort()
+    same: list = []
+    crossing: list = []
+    used: set = set()
+    for allow_reuse in (False, True):
+        for _, i, j in candidates:
+            a, b = inside[i], inside[j]
+            if c[tuple(a)] != c[tuple(b)] or (not allow_reuse and c[tuple(a)] in used):
+                continue
+            if len(same) < n and _pair(a, b) not in same and _far(same, a, b, min_gap):
+                cells = line_cells(a, b)
+                if (c[cells[:, 0], cells[:, 1]] == c[tuple(a)]).all():
+                    same.append(_pair(a, b))
+                    used.add(c[tuple(a)])
+    for _, i, j in candidates:
+        a, b = inside[i], inside[j]
+        if len(crossing) < n and c[tuple(a)] != c[tuple(b)] and _far(crossing, a, b, min_gap):
+            crossing.append(_pair(a, b))
+    return LinePairs(same, crossing)
+
+
+def _pair(a, b) -> tuple[tuple[int, int], tuple[int, int]]:
+    return (int(a[0]), int(a[1])), (int(b[0]), int(b[1]))
+
+
+def _far(taken, a, b, gap: float) -> bool:
+    mid = (np.asarray(a) + np.asarray(b)) / 2
+    return all(np.linalg.norm(mid - (np.add(p, q) / 2)) >= gap for p, q in taken)
+
+
 # -- images along a geodesic ----------------------------------------------------------------------
 @dataclass
 class GeodesicImages:

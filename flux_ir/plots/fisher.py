@@ -20,9 +20,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib import colors
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from flux_ir.analysis.fisher_sweep import FisherGeometry, GeodesicImages
+from flux_ir.analysis.fisher_sweep import FisherGeometry, GeodesicImages, SweepGeodesic
 from flux_ir.plots.sweep import _extent, mosaic_array, save_figure
 
 GEODESIC_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4")
@@ -89,6 +90,69 @@ def geodesics_figure(result: FisherGeometry, mosaic: np.ndarray | None = None) -
         _axes(ax, title)
         if result.geodesics:
             ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def boundary_segments(classes: np.ndarray, alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """The edges between 4-neighbouring grid cells of different classes, classes [n_alpha, n_beta]
+    on the sweep's alphas [n_alpha] and betas [n_beta]: segments [k, 2, 2] of (beta, alpha) points
+    (x, y as drawn), each on the line halfway between the two cells' centres."""
+    c = np.asarray(classes)
+    a, b = np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64)
+    da = (a[-1] - a[0]) / (len(a) - 1) if len(a) > 1 else 1.0
+    db = (b[-1] - b[0]) / (len(b) - 1) if len(b) > 1 else 1.0
+    segs = []
+    for i, j in np.argwhere(c[1:, :] != c[:-1, :]):  # between rows i and i + 1
+        y = (a[i] + a[i + 1]) / 2
+        segs.append([(b[j] - db / 2, y), (b[j] + db / 2, y)])
+    for i, j in np.argwhere(c[:, 1:] != c[:, :-1]):  # between columns j and j + 1
+        x = (b[j] + b[j + 1]) / 2
+        segs.append([(x, a[i] - da / 2), (x, a[i] + da / 2)])
+    return np.asarray(segs, dtype=np.float64).reshape(-1, 2, 2)
+
+
+def class_geodesics_figure(
+    result: FisherGeometry,
+    classes: np.ndarray,
+    groups: dict[str, Sequence[SweepGeodesic]],
+    mosaic: np.ndarray | None = None,
+    title: str = "",
+) -> Figure:
+    """det g over the box with the class boundaries of `classes` [n_alpha, n_beta] (white lines
+    between cells of different classes) and, per named group of geodesics (e.g. "same class",
+    "crossing"), each geodesic (solid) and its straight line (dashed) in the group's colour; beside
+    it, with `mosaic` [H, W, 3], the same over the sweep's images."""
+    ncols = 2 if mosaic is not None else 1
+    fig = Figure(figsize=(6.5 * ncols, 5.6), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    extent = _extent(result.alphas, result.betas)
+    panels = []
+    if mosaic is not None:
+        axes[0].imshow(mosaic, extent=extent, origin="upper", aspect="auto")
+        panels.append((axes[0], "class boundaries and geodesics over the grid", "black"))
+    f = result.field
+    _log_image(axes[-1], f.det, _extent(f.alphas, f.betas), "det g", fig)
+    panels.append((axes[-1], "det g, class boundaries, geodesics", "white"))
+    segs = boundary_segments(classes, result.alphas, result.betas)
+    for ax, panel_title, edge in panels:
+        ax.add_collection(LineCollection(segs, colors=edge, linewidths=0.8, alpha=0.8))
+        for k, (name, geos) in enumerate(groups.items()):
+            c = GEODESIC_COLOURS[k % len(GEODESIC_COLOURS)]
+            for i, geo in enumerate(geos):
+                ax.plot(geo.curve[:, 1], geo.curve[:, 0], color="white", lw=3.5, alpha=0.6)
+                ax.plot(geo.curve[:, 1], geo.curve[:, 0], color=c, lw=1.8,
+                        label=f"{name}: geodesic" if i == 0 else None)  # fmt: skip
+                ax.plot(geo.line_points[:, 1], geo.line_points[:, 0], color=c, lw=1.1, ls="--",
+                        label=f"{name}: straight line" if i == 0 else None)  # fmt: skip
+                ax.scatter([geo.start[1], geo.end[1]], [geo.start[0], geo.end[0]], color=c,
+                           edgecolor="white", s=24, zorder=5)  # fmt: skip
+        ax.set_xlim(*extent[:2])
+        ax.set_ylim(*extent[2:])
+        _axes(ax, panel_title)
+        if groups:
+            ax.legend(loc="upper right", fontsize=7)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
