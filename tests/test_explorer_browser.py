@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux_ir.analysis import PixelEmbedder, analyze_sweep
+from flux_ir.analysis import PixelEmbedder, analyze_sweep, fisher_geometry
 from flux_ir.capture import CaptureOptions, Selection
 from flux_ir.explorer import Explorer, make_server
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
@@ -49,7 +49,8 @@ def driver():
 
 @pytest.fixture(scope="module")
 def served(toy_pipe, tmp_path_factory):
-    """A 3 x 3 flux-toy sweep (2 steps, analysed) and a capture run of four blocks, served."""
+    """A 3 x 3 flux-toy sweep (2 steps, analysed, with a small Fisher geometry and two geodesics) and
+    a capture run of four blocks, served."""
     pipe, spec = toy_pipe
     root = tmp_path_factory.mktemp("explored")
     cfg = SweepConfig.from_spec(
@@ -57,6 +58,19 @@ def served(toy_pipe, tmp_path_factory):
     )
     run_sweep(pipe, cfg, root / "sweep", batch_size=9, progress=False)
     analyze_sweep(root / "sweep", PixelEmbedder())
+    fisher_geometry(
+        root / "sweep",
+        PixelEmbedder(8),
+        width=8,
+        depth=2,
+        steps=4,
+        metric_resolution=5,
+        geodesics=[((0.0, 0.0), (1.0, 1.0)), ((1.0, 0.0), (0.0, 1.0))],
+        geodesic_points=6,
+        geodesic_iterations=2,
+        device="cpu",
+        progress=False,
+    )
     opts = CaptureOptions.from_spec(spec, seed=1, num_steps=2)
     run = CaptureRunOptions(selection=Selection.parse("0,-1", "0,-1"))
     run_dir = capture_to_dir(pipe, spec, opts, root / "runs", run)
@@ -192,3 +206,61 @@ def test_capture_lens_viewer_and_sortable_metrics(driver, served, tmp_path):
     ).is_file()
     driver.save_screenshot(str(tmp_path / "capture.png"))
     assert Image.open(tmp_path / "capture.png").format == "PNG"
+
+
+def test_fisher_overlay_and_geodesics(driver, served, tmp_path):
+    import numpy as np
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    driver.get("about:blank")
+    driver.get(served["url"] + "#sweep=sweep")
+    wait(driver, lambda d: loaded_images(d) == 9, "the 3 x 3 grid's images")
+    select = Select(driver.find_element("id", "overlay"))
+    fisher = [o.text for o in select.options if o.text.startswith("Fisher det g")]
+    assert fisher == ["Fisher det g (pixel8, log₁₀)"]
+    select.select_by_visible_text(fisher[0])
+    assert driver.find_element("id", "legend-label").text == "log₁₀ det g"
+
+    with np.load(served["root"] / "sweep" / "analysis" / "fisher_pixel8.npz") as data:
+        point_det = data["point_det"]
+    assert (point_det > 0).sum() >= 3  # cells to paint (det g <= 0 elsewhere: left unpainted)
+    for row, col in [(r, c) for r in range(3) for c in range(3)]:  # each cell's log10 det g
+        ActionChains(driver).move_to_element(cell(driver, 3 * row + col)).perform()
+        wait(
+            driver,
+            lambda d, i=3 * row + col: d.find_element("id", "inspect-index").text.startswith(
+                f"{i} "
+            ),
+            "the hover",
+        )
+        shown = driver.find_element("id", "inspect-value").text
+        det = point_det[row, col]
+        if det > 0:  # else no logarithm: nothing shown, the cell is left unpainted
+            assert float(shown) == pytest.approx(np.log10(det), rel=1e-3, abs=1e-3)
+        else:
+            assert shown == ""
+
+    paths = "return document.querySelectorAll('#geodesic-layer path.' + arguments[0]).length"
+    assert driver.execute_script(paths, "geodesic") == 0
+    driver.find_element("id", "geodesics").click()
+    assert driver.execute_script(paths, "geodesic") == 2
+    assert driver.execute_script(paths, "line") == 2
+    legend = driver.find_elements("css selector", "#geodesic-legend li")
+    assert len(legend) == 2 and all("metric length" in li.text for li in legend)
+    # geodesic 0 starts at (alpha 0, beta 0): the centre of the bottom-left cell
+    start = driver.execute_script(
+        "const d = document.querySelector('#geodesic-layer path.geodesic').getAttribute('d');"
+        "return d.slice(1).split(' ')[0].split(',').map(Number)"
+    )
+    box = driver.execute_script(
+        "const g = document.getElementById('grid').getBoundingClientRect();"
+        "const c = document.querySelector('#grid .cell[data-index=\"0\"]').getBoundingClientRect();"
+        "return [c.left - g.left - 1 + c.width / 2, c.top - g.top - 1 + c.height / 2]"
+    )
+    assert start == pytest.approx(box, abs=1.5)
+    driver.save_screenshot(str(tmp_path / "fisher.png"))
+    driver.find_element("id", "geodesics").click()
+    assert driver.execute_script(paths, "geodesic") == 0
+    assert not driver.find_element("id", "geodesic-panel").is_displayed()
+    assert Image.open(tmp_path / "fisher.png").format == "PNG"

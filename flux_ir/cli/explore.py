@@ -19,10 +19,11 @@ def explore(
 ) -> None:
     """Serve the explorer for the sweeps and capture runs in DIR, on http://HOST:PORT/, until Ctrl-C.
 
-    Sweeps show as a grid of images on alpha/beta axes with their Lipschitz field and per-step phase
-    maps; dragging a rectangle generates a zoomed sub-sweep over that range with the model (stored
-    beside the sweep and linked to it), with back and forward through the zoom levels. Capture runs
-    show the block x step lens viewer and the per-block metrics. The model loads on first use.
+    Sweeps show as a grid of images on alpha/beta axes with their Lipschitz field, per-step phase
+    maps and, after `flux-ir geometry`, the Fisher metric's det g and geodesics; dragging a
+    rectangle generates a zoomed sub-sweep over that range with the model (stored beside the sweep
+    and linked to it), with back and forward through the zoom levels. Capture runs show the block x
+    step lens viewer and the per-block metrics. The model loads on first use.
 
     Args:
         dir: a folder of sweeps and capture runs, or one sweep or run (then the folder holding it is

@@ -8,7 +8,8 @@
 Endpoints (GET unless said otherwise; `path` is relative to the served directory):
 
 - `/` and `/static/<file>`: the page, its script and style, from `flux_ir/explorer/static/`;
-- `/api/entries`: the sweeps and capture runs; `/api/sweep?path=`, `/api/capture?path=`: one of them;
+- `/api/entries`: the sweeps and capture runs; `/api/sweep?path=`, `/api/capture?path=`: one of them
+  (a sweep with its Lipschitz and Fisher overlays and geodesics, `flux_ir.explorer.views`);
 - `POST /api/zoom` {"sweep", "alpha": [lo, hi], "beta": [lo, hi], "n_alpha", "n_beta"}: starts a
   zoomed sub-sweep, answers {"job", "sweep"}; `/api/job?id=`: its state and the points done;
 - `POST /api/analyze` {"sweep"}: the Lipschitz field of a sweep with the explorer's embedder;

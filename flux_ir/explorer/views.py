@@ -1,5 +1,6 @@
 """The explorer's data as JSON-ready dicts: the served folder's sweeps and capture runs, a sweep's grid
-(points, norms, Lipschitz overlays, per-step phase maps, zoom links) and a capture run's blocks.
+(points, norms, Lipschitz overlays, per-step phase maps, Fisher metric and geodesics, zoom links) and
+a capture run's blocks.
 
     root = sweep_dir.parent.resolve()            # the served folder
     entries = list_entries(root)                 # [{"path": "sweep", "kind": "sweep", ...}, ...]
@@ -8,7 +9,9 @@
 
 A zoomed sweep is a sweep directory like any other, beside its parent, with a `zoom.json` that
 links it to the parent (`ZOOM_LINK`: the parent's path relative to the zoomed sweep, and the range
-asked for). Everything here reads JSON, CSV and .npz files (no pickles); nothing loads a model.
+asked for). A sweep's Fisher geometry (`flux-ir geometry`: analysis/fisher_<embedder>.npz and .json)
+shows as log10 det g per grid cell and the geodesics as (alpha, beta) polylines (`fisher_overlays`).
+Everything here reads JSON, CSV and .npz files (no pickles); nothing loads a model.
 """
 
 from __future__ import annotations
@@ -191,18 +194,31 @@ def sweep_view(root: Path, folder: Path) -> dict:
         "done": sum(p["done"] for p in points),
         "complete": bool(meta.get("complete")) and all(p["done"] for p in points),
         "step_images": thumbs,
-        "overlays": overlays(store),
+        "overlays": overlays(store, root),
+        "fisher": fisher_overlays(store, grid, root),
         "parent": parent_of(root, folder),
         "children": children_of(root, folder),
         "zoomable": cfg.vertices_sha256 is None,
     }
 
 
-def overlays(store: SweepStore) -> dict:
+def analysis_files(store: SweepStore, pattern: str, root: Path | None = None) -> list[Path]:
+    """The sweep's analysis files matching `pattern`, sorted by name; with `root`, only those that
+    resolve inside it (a symbolic link out of the served folder is left out)."""
+    found = []
+    for path in sorted((store.root / "analysis").glob(pattern)):
+        if root is not None and not path.resolve().is_relative_to(root):
+            continue
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def overlays(store: SweepStore, root: Path | None = None) -> dict:
     """{name: {"field": [n_alpha][n_beta], "phases": [steps][n_alpha][n_beta] or None, "space"}} of
     the sweep's analysis files (`flux-ir analyze`: analysis/lipschitz_<embedder>.npz)."""
     out = {}
-    for path in sorted((store.root / "analysis").glob("lipschitz_*.npz")):
+    for path in analysis_files(store, "lipschitz_*.npz", root):
         try:
             with np.load(path, allow_pickle=False) as data:
                 field = np.asarray(data["field"], dtype=float)
@@ -217,6 +233,128 @@ def overlays(store: SweepStore) -> dict:
         except (OSError, ValueError, KeyError):
             continue  # being rewritten, or not an analysis file: left out
     return out
+
+
+def log10_det(det: np.ndarray) -> np.ndarray:
+    """log10 of det g, nan where det is not a positive finite number (a missing image, or a metric
+    without positive volume there)."""
+    det = np.asarray(det, dtype=np.float64)
+    out = np.full(det.shape, np.nan)
+    ok = np.isfinite(det) & (det > 0)
+    out[ok] = np.log10(det[ok])
+    return out
+
+
+def resample(values: np.ndarray, alphas: np.ndarray, betas: np.ndarray, grid) -> np.ndarray:
+    """A field on the dense (alphas [M], betas [K]) grid, bilinearly interpolated at the sweep's
+    points: [n_alpha, n_beta]; nan outside the dense grid's box and where a non-finite node has
+    weight (a grid point on a node takes that node's value alone)."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    alphas, betas = np.asarray(alphas, float), np.asarray(betas, float)
+    a = snap_ends(np.asarray(grid.alphas(), float), alphas)
+    b = snap_ends(np.asarray(grid.betas(), float), betas)
+    values = np.asarray(values, float)
+    missing = ~np.isfinite(values)
+    at = np.stack(np.meshgrid(a, b, indexing="ij"), axis=-1)
+
+    def interp(v):
+        grid_ = (alphas, betas)
+        return RegularGridInterpolator(grid_, v, bounds_error=False, fill_value=np.nan)(at)
+
+    out = interp(np.where(missing, 0.0, values))
+    out[~(interp(missing.astype(float)) < 1e-9)] = np.nan  # a missing node weighs in: missing
+    return out
+
+
+def snap_ends(x: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """`x` with values within rounding of the axis' ends put on them (the same box, written twice)."""
+    tol = 1e-9 * max(1.0, float(np.ptp(axis)))
+    x = np.where(np.abs(x - axis[0]) < tol, axis[0], x)
+    return np.where(np.abs(x - axis[-1]) < tol, axis[-1], x)
+
+
+def polyline(array) -> list:
+    """An [n, 2] array of (alpha, beta) as [[alpha, beta], ...] (None for non-finite values)."""
+    array = np.asarray(array, dtype=float)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"a polyline is [n, 2], got shape {array.shape}")
+    return grid_json(array)
+
+
+def fisher_overlays(store: SweepStore, grid, root: Path | None = None) -> dict:
+    """{name: {"embedder", "field", "source", "geodesics"}} of the sweep's Fisher geometry files
+    (`flux-ir geometry`: analysis/fisher_<embedder>.npz, with its .json), sorted by name.
+
+    "field" [n_alpha][n_beta] is log10 det g per grid cell (None where det g is missing, not
+    positive or not finite): the file's `point_det` when it matches the grid ("source":
+    "points"), else its dense `det` resampled bilinearly at the grid's points ("dense"). Each
+    geodesic k: "points" [P][2] (alpha, beta; `geodesic_k_points`), "curve" (`geodesic_k_curve`,
+    the optimised polyline, when written), "line" (`line_k_points`) and from the .json its "start",
+    "end", metric "length", the straight line's "line_length" and the "deviation" from it."""
+    out = {}
+    shape = (grid.n_alpha, grid.n_beta)
+    for path in analysis_files(store, "fisher_*.npz", root):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                point_det = data["point_det"] if "point_det" in data else None
+                if point_det is not None and point_det.shape == shape and same_points(data, grid):
+                    det, source = np.asarray(point_det, dtype=float), "points"
+                else:
+                    det = resample(data["det"], data["alphas"], data["betas"], grid)
+                    source = "dense"
+                geos = []
+                while f"geodesic_{len(geos)}_points" in data:
+                    k = len(geos)
+                    curve = data.get(f"geodesic_{k}_curve")
+                    line = data.get(f"line_{k}_points")
+                    geos.append(
+                        {
+                            "index": k,
+                            "points": polyline(data[f"geodesic_{k}_points"]),
+                            "curve": None if curve is None else polyline(curve),
+                            "line": None if line is None else polyline(line),
+                        }
+                    )
+            summary = read_summary(path.with_suffix(".json"))
+            for geo, info in zip(geos, summary.get("geodesics") or [], strict=False):
+                if not isinstance(info, dict):
+                    continue
+                for key in ("start", "end"):
+                    value = info.get(key)
+                    if isinstance(value, list) and len(value) == 2:
+                        geo[key] = [finite(v) for v in value]
+                for key in ("length", "line_length", "deviation", "relative_deviation"):
+                    if isinstance(info.get(key), int | float):
+                        geo[key] = finite(info[key])
+            out[path.stem] = {
+                "embedder": path.stem.removeprefix("fisher_"),
+                "field": grid_json(log10_det(det)),
+                "source": source,
+                "geodesics": geos,
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being rewritten, or not a geometry file: left out
+    return out
+
+
+def same_points(data, grid) -> bool:
+    """Whether the file's `sweep_alphas`, `sweep_betas` (when written) are the grid's."""
+    for key, values in (("sweep_alphas", grid.alphas()), ("sweep_betas", grid.betas())):
+        if key in data:
+            mine = np.asarray(data[key], dtype=float)
+            if mine.shape != values.shape or not np.allclose(mine, values, rtol=0, atol=1e-9):
+                return False
+    return True
+
+
+def read_summary(path: Path) -> dict:
+    """A geometry file's .json summary ({} when missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # -- a capture run ----------------------------------------------------------------------------------

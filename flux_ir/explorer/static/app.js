@@ -186,13 +186,18 @@ function fillOverlays(v) {
       }));
     }
   }
+  for (const [name, f] of Object.entries(v.fisher || {})) {
+    select.append(el("option", { value: `${name}|fisher`, text: `Fisher det g (${f.embedder}, log₁₀)` }));
+  }
   const kind = (value) => (value ? value.split("|")[1] : "");
-  const same = [...select.options].find((o) => previous !== undefined && kind(o.value) === kind(previous));
+  const same = [...select.options].find((o) => o.value === previous) ||
+    [...select.options].find((o) => previous !== undefined && kind(o.value) === kind(previous));
   if (same) select.value = same.value;
   else if (select.options.length > 1) select.value = select.options[1].value;
   const stepped = v.step_images || Object.values(v.overlays).some((o) => o.phases);
   $("step-control").hidden = !stepped;
   $("step-images-control").hidden = !v.step_images;
+  $("geodesics-control").hidden = !Object.values(v.fisher || {}).some((f) => f.geodesics.length);
   const step = $("step");
   step.max = Math.max(0, v.num_steps - 1);
   if (Number(step.value) > v.num_steps - 1) step.value = v.num_steps - 1;
@@ -204,10 +209,87 @@ function overlayValues() {
   const choice = $("overlay").value;
   if (!v || !choice) return null;
   const [name, which] = choice.split("|");
+  if (which === "fisher") return v.fisher && v.fisher[name] ? v.fisher[name].field : null;
   const o = v.overlays[name];
   if (!o) return null;
   if (which === "phases") return o.phases ? o.phases[Number($("step").value)] || null : null;
   return o.field;
+}
+
+// -- the Fisher metric's geodesics -------------------------------------------------------------
+const GEODESIC_COLOURS = ["#e11d48", "#f59e0b", "#06b6d4", "#a855f7", "#22c55e", "#f97316", "#ec4899", "#3b82f6"];
+
+function fisherChoice() {
+  // the geometry file of the chosen Fisher overlay, else the first (the server sorts them by name)
+  const v = state.view;
+  const names = Object.keys((v && v.fisher) || {});
+  const [name, which] = $("overlay").value.split("|");
+  if (which === "fisher" && names.includes(name)) return name;
+  return names.length ? names[0] : null;
+}
+
+function toXY(alpha, beta) {
+  // (alpha, beta) -> grid pixels: the inverse of toAlphaBeta (cell centres sit on the grid values)
+  const v = state.view;
+  const c = state.cell;
+  const db = axisStep(v.betas, v.grid.beta);
+  const da = axisStep(v.alphas, v.grid.alpha);
+  return [((beta - v.betas[0]) / db + 0.5) * c, ((v.alphas[v.alphas.length - 1] - alpha) / da + 0.5) * c];
+}
+
+function svgPath(points, className, colour, title) {
+  const d = points.filter((p) => p && p[0] !== null && p[1] !== null)
+    .map((p, k) => { const [x, y] = toXY(p[0], p[1]); return `${k ? "L" : "M"}${x.toFixed(2)},${y.toFixed(2)}`; })
+    .join(" ");
+  const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+  path.setAttribute("d", d);
+  path.setAttribute("class", className);
+  path.setAttribute("stroke", colour);
+  const t = document.createElementNS("http://www.w3.org/2000/svg", "title");
+  t.textContent = title;
+  path.append(t);
+  return path;
+}
+
+function geodesicText(g) {
+  const ab = (p) => (p ? `(α ${fmt(p[0], 3)}, β ${fmt(p[1], 3)})` : "?");
+  const ends = g.start ? [g.start, g.end] : [g.points[0], g.points[g.points.length - 1]];
+  let text = `${g.index}: ${ab(ends[0])} → ${ab(ends[1])}`;
+  if (g.length !== undefined && g.length !== null) text += `; metric length ${fmt(g.length, 3)}`;
+  if (g.line_length !== undefined && g.line_length !== null) text += `, straight line ${fmt(g.line_length, 3)}`;
+  if (g.deviation !== undefined && g.deviation !== null) text += `; deviation ${fmt(g.deviation, 3)} (box sides = 1)`;
+  return text;
+}
+
+function drawGeodesics() {
+  const svg = $("geodesic-layer");
+  const legend = $("geodesic-legend");
+  svg.replaceChildren();
+  legend.replaceChildren();
+  const v = state.view;
+  const name = fisherChoice();
+  const f = name ? v.fisher[name] : null;
+  const on = $("geodesics").checked && !!f && f.geodesics.length > 0;
+  $("geodesic-panel").hidden = !on;
+  if (!on) return;
+  $("geodesic-source").textContent = `(${f.embedder}; solid: geodesic, dashed: straight line)`;
+  f.geodesics.forEach((g, k) => {
+    const colour = GEODESIC_COLOURS[k % GEODESIC_COLOURS.length];
+    const text = geodesicText(g);
+    if (g.line) svg.append(svgPath(g.line, "line", colour, `straight line ${text}`));
+    svg.append(svgPath(g.curve || g.points, "geodesic", colour, `geodesic ${text}`));
+    for (const p of g.points) {
+      if (!p || p[0] === null || p[1] === null) continue;
+      const [x, y] = toXY(p[0], p[1]);
+      const dot = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+      dot.setAttribute("cx", x.toFixed(2)); dot.setAttribute("cy", y.toFixed(2));
+      dot.setAttribute("r", 3); dot.setAttribute("fill", colour);
+      svg.append(dot);
+    }
+    const swatch = el("span", { className: "swatch" });
+    swatch.style.borderTopColor = colour;
+    legend.append(el("li", { title: text, dataset: { index: g.index } }, [swatch, el("span", { text })]));
+  });
 }
 
 function buildGrid(v) {
@@ -251,6 +333,7 @@ function buildGrid(v) {
     betaAxis.append(s);
   });
   paintOverlay();
+  drawGeodesics();
 }
 
 function pointImage(p) {
@@ -287,6 +370,7 @@ function paintOverlay() {
   }
   const legend = $("legend");
   legend.hidden = !values || !Number.isFinite(lo);
+  $("legend-label").textContent = $("overlay").value.endsWith("|fisher") ? "log₁₀ det g" : "";
   if (!legend.hidden) {
     $("legend-lo").textContent = fmt(lo, 3);
     $("legend-hi").textContent = fmt(hi, 3);
@@ -646,7 +730,9 @@ function wire() {
   $("overlay").addEventListener("change", () => {
     state.overlayChoice = $("overlay").value;
     paintOverlay();
+    drawGeodesics();
   });
+  $("geodesics").addEventListener("change", drawGeodesics);
   $("opacity").addEventListener("input", paintOverlay);
   $("step").addEventListener("input", () => {
     const v = state.view;
