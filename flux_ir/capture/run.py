@@ -26,7 +26,8 @@ from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.schema import Capture, build_capture
 from flux_ir.capture.select import Selection
 from flux_ir.capture.trace import BlockTrace
-from flux_ir.intervene import Edit, Intervention, Site
+from flux_ir.intervene.edits import Edit, Site
+from flux_ir.intervene.hooks import Intervention
 from flux_ir.models.fingerprint import weights_fingerprint
 from flux_ir.sampling import effective_guidance, generate
 from flux_ir.version import library_versions
