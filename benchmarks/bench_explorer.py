@@ -58,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--shot_steps", type=int, default=8, help="denoising steps of the screenshots' runs (8)"
     )
+    p.add_argument(
+        "--fisher_shot",
+        default=None,
+        help="a sweep with `flux-ir geometry` files: screenshot its Fisher overlay and geodesics "
+        "into --screenshots (default docs) as explorer-fisher.png, skip the timing",
+    )
     args = p.parse_args(argv)
     smoke = args.smoke
     args.model = args.model or ("flux-tiny" if smoke else "flux-toy")
@@ -143,6 +149,9 @@ def main(argv=None) -> None:
     from flux_ir.models import load_pipeline
     from flux_ir.sweep import GridSpec, run_sweep
 
+    if args.fisher_shot:
+        fisher_screenshot(Path(args.fisher_shot), Path(args.screenshots or "docs"))
+        return
     pipe, spec = load_pipeline(args.model, device=args.device)
     if args.screenshots_only:
         take_screenshots(pipe, spec, args, Path(args.screenshots or "docs"))
@@ -235,6 +244,74 @@ def main(argv=None) -> None:
             take_screenshots(pipe, spec, args, Path(args.screenshots))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def chromium():
+    """A headless Chromium driver of the system's browser (Debian's packages)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1440,900",
+              "--hide-scrollbars"):  # fmt: skip
+        options.add_argument(a)
+    return webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
+    )
+
+
+def fisher_screenshot(sweep: Path, out: Path) -> None:
+    """docs/explorer-fisher.png: `sweep`'s grid under its Fisher det g overlay, with the geodesics
+    of its `analysis/fisher_*.npz` drawn (solid) beside their straight lines (dashed)."""
+    import threading
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flux_ir.explorer import Explorer, make_server
+
+    sweep = sweep.resolve()
+    if not any((sweep / "analysis").glob("fisher_*.npz")):
+        raise SystemExit(f"{sweep} has no analysis/fisher_*.npz: run `flux-ir geometry {sweep}`")
+    explorer = Explorer(sweep.parent)
+    server = make_server(explorer, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    driver = chromium()
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_port}/#sweep={sweep.name}")
+        n = len(list((sweep / "images").glob("*.png")))
+        wait = WebDriverWait(driver, 300)
+        wait.until(
+            lambda d: (
+                d.execute_script(
+                    "return [...document.querySelectorAll('#grid img.point')]"
+                    ".filter(i => i.naturalWidth).length"
+                )
+                == n
+            )
+        )
+        driver.execute_script(
+            "const s = document.getElementById('overlay');"
+            "s.value = [...s.options].find(o => o.value.endsWith('|fisher')).value;"
+            "s.dispatchEvent(new Event('change'));"
+            "const g = document.getElementById('geodesics');"
+            "g.checked = true; g.dispatchEvent(new Event('change'));"
+        )
+        wait.until(
+            lambda d: (
+                d.execute_script("return document.querySelectorAll('#geodesic-layer path').length")
+                > 0
+            )
+        )
+        time.sleep(1)
+        out.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(out / "explorer-fisher.png"))
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
+        explorer.close()
+    print(f"screenshot: {out / 'explorer-fisher.png'}")
 
 
 def take_screenshots(pipe, spec, args, out: Path) -> None:

@@ -150,6 +150,7 @@ def main(argv=None) -> dict:
         ends, n_points=args.curve_points, iterations=iterations, n_out=10, progress=False
     )
     t_geo = time.perf_counter() - t0
+    result.save()  # the geodesics into analysis/fisher_<embedder>.{npz,json} (the explorer draws them)
     geo_rows = []
     for kind, cell, geo in zip(kinds, cells, geos, strict=True):
         s = geo.summary()

@@ -54,6 +54,23 @@ def test_fisher_geometry_writes_its_files_and_reuses_the_fitted_network(sweep_di
     assert not other.reused
 
 
+def test_geodesics_added_later_are_saved_into_the_files(sweep_dir, tmp_path):
+    result = fisher_geometry(sweep_dir, PixelEmbedder(8), **SMALL)
+    analysis = sweep_dir / "analysis"
+    with np.load(analysis / "fisher_pixel8.npz", allow_pickle=False) as data:
+        assert "geodesic_0_points" not in data
+    (geo,) = result.add_geodesics([((-1.0, 0.0), (1.0, 1.0))], iterations=3)
+    with np.load(analysis / "fisher_pixel8.npz", allow_pickle=False) as data:
+        assert "geodesic_0_points" not in data  # add_geodesics writes nothing
+    assert result.save()["npz"] == analysis / "fisher_pixel8.npz"
+    with np.load(analysis / "fisher_pixel8.npz", allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["geodesic_0_points"], geo.points)
+        np.testing.assert_array_equal(data["point_det"], result.point_det)
+    summary = json.loads((analysis / "fisher_pixel8.json").read_text())
+    assert [g["start"] for g in summary["geodesics"]] == [[-1.0, 0.0]]
+    assert summary["settings"] == result.settings and summary["settings"]["steps"] == 6
+
+
 def test_fisher_geometry_refuses_points_outside_the_box(sweep_dir):
     with pytest.raises(InvalidArgumentError, match=r"endpoint \(2, 0\) lies outside"):
         fisher_geometry(sweep_dir, PixelEmbedder(8), geodesics=[((0, 0), (2, 0))], **SMALL)

@@ -129,6 +129,17 @@ class FisherGeometry:
     reused: bool = False
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # as recorded in the .json
+    stem: str = ""  # the files' name: fisher_<embedder>
+
+    def save(self) -> dict[str, Path]:
+        """Write the .npz and .json again, with every geodesic added since (`add_geodesics`)."""
+        if self.out_dir is None or not self.stem:
+            raise InvalidArgumentError(
+                "{param} was not made by fisher_geometry: no files", "result"
+            )
+        self.paths.update(write_fisher(self, self.settings, self.stem))
+        return self.paths
 
     @property
     def point_det(self) -> np.ndarray:
@@ -136,12 +147,14 @@ class FisherGeometry:
         return np.linalg.det(self.point_metric)
 
     def add_geodesic(self, start, end, **options) -> SweepGeodesic:
-        """Compute one more geodesic between two (alpha, beta) points (files are not rewritten);
+        """Compute one more geodesic between two (alpha, beta) points (files are not rewritten:
+        `save` does);
         options as for `flux_ir.analysis.geodesic.geodesics`."""
         return self.add_geodesics([(start, end)], **options)[0]
 
     def add_geodesics(self, pairs, **options) -> list[SweepGeodesic]:
-        """Geodesics between (alpha, beta) point pairs, optimised together (files not rewritten)."""
+        """Geodesics between (alpha, beta) point pairs, optimised together (files not rewritten:
+        `save` does)."""
         pairs = [(_ab(a, self.box, "geodesic"), _ab(b, self.box, "geodesic")) for a, b in pairs]
         starts = [self.box.to_unit(a) for a, _ in pairs]
         ends = [self.box.to_unit(b) for _, b in pairs]
@@ -300,6 +313,8 @@ def fisher_geometry(
         losses={k: fit_meta[k] for k in ("eval_steps", "train_loss", "val_loss", "best_step")},
         reused=reused,
         out_dir=out,
+        settings=settings,
+        stem=stem,
     )
     if parsed:
         result.add_geodesics(
