@@ -4,6 +4,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 import flux_ir.sweep.store as store_mod
+import flux_ir.sweep.writer as writer_mod
 from flux_ir.io.png import encode_png, write_png
 from flux_ir.models import resolve_model
 from flux_ir.sweep import GridSpec, SweepConfig, run_sweep
@@ -102,15 +104,23 @@ def test_writer_finishes_submitted_jobs_when_the_caller_is_interrupted():
     assert done == ["batch 0"]
 
 
-def test_a_full_queue_makes_submit_wait_and_counts_it():
+def test_a_full_queue_makes_submit_wait_and_counts_it(monkeypatch):
+    now = [0.0]  # the writer's clock, moved by hand: no wall-clock assertion
+    monkeypatch.setattr(writer_mod, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     gate = threading.Event()
     writer = BackgroundWriter(max_pending=1)
-    writer.submit(gate.wait)  # taken by the thread at once
+    writer.submit(gate.wait)  # taken by the thread, which then waits for the gate
     writer.submit(lambda: None)  # fills the queue
-    threading.Timer(0.2, gate.set).start()
-    writer.submit(lambda: None)  # waits for the gate
+    entered, put = threading.Event(), writer._jobs.put
+    monkeypatch.setattr(writer._jobs, "put", lambda item: (entered.set(), put(item)))
+    third = threading.Thread(target=writer.submit, args=(lambda: None,))
+    third.start()
+    entered.wait()  # the third submit has read the clock and waits for a free slot
+    now[0] = 5.0  # only a submit still waiting when the clock moves counts these 5 s
+    gate.set()
+    third.join()
     writer.close()
-    assert writer.blocked_s >= 0.15
+    assert writer.blocked_s == 5.0
 
 
 def test_points_part_skips_a_cut_short_line_and_appends_on_a_new_line(tmp_path):
