@@ -421,7 +421,8 @@ class DitTraining:
     """The transformer phase: live modules, their EMA, the fused AdamW, caption tables, generator.
 
     `step()` queues one update without waiting for the GPU: an update whose gradient norm is not
-    finite is dropped inside the optimizer (`found_inf`), and counted on the device.
+    finite is dropped inside the optimizer (`found_inf`), and counted on the device. Subclasses
+    (flux-toy-2's) change how captions are drawn and encoded: `pick` and `encode`.
     """
 
     def __init__(
@@ -450,45 +451,56 @@ class DitTraining:
             betas=(0.9, 0.99),
             fused=True,
         )
-        texts, index = caption_table()
-        self.captions = CaptionEncoder(pipe, texts, cfg.arch["max_sequence_length"], device)
-        self.lookup = caption_lookup(index, device)
+        self.setup_captions()
         self.gen = torch.Generator(device).manual_seed(cfg.seed + 2)
         self.skipped = torch.zeros((), device=device)
-        _, c, h, w = data["latents"].shape
+        _, _, h, w = data["latents"].shape
         self.img_ids = FluxPipeline._prepare_latent_image_ids(
             cfg.batch, h // 2, w // 2, device, torch.float32
         )
         if cfg.compile:
             pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
 
-    def step(self, step: int) -> torch.Tensor:
-        """Queue update number `step`; returns its loss (a device tensor)."""
-        cfg, pipe, data = self.cfg, self.pipe, self.data
-        for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.text_lr)):
-            g["lr"] = lr_at(base, step, cfg.dit_steps, warmup=cfg.warmup)
-        n = data["latents"].shape[0]
-        idx = torch.randint(n, (cfg.batch,), generator=self.gen, device=self.device)
-        scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
-        x0 = (data["latents"][idx].float() - shift) * scale
-        cap_idx = pick_captions(
+    def setup_captions(self) -> None:
+        """flux-toy's caption tables: every caption encoded at each step (a fixed shape)."""
+        texts, index = caption_table()
+        self.captions = CaptionEncoder(
+            self.pipe, texts, self.cfg.arch["max_sequence_length"], self.device
+        )
+        self.lookup = caption_lookup(index, self.device)
+
+    def pick(self, idx: torch.Tensor):
+        """Which caption each sample `idx` [B] is trained with (no host sync)."""
+        data = self.data
+        return pick_captions(
             data["shape"][idx],
             data["colour"][idx],
             data["background"][idx],
             self.lookup,
-            cfg,
+            self.cfg,
             self.gen,
         )
+
+    def encode(self, picked) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(text encodings, the row of each sample in them) for `pick`'s choice (under autocast)."""
+        return self.captions.encode(self.pipe), picked  # every caption: no host sync
+
+    def step(self, step: int, total: int | None = None) -> torch.Tensor:
+        """Queue update number `step` of `total` (default `cfg.dit_steps`); returns its loss (a
+        device tensor)."""
+        cfg, pipe, data = self.cfg, self.pipe, self.data
+        total = cfg.dit_steps if total is None else total
+        for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.text_lr)):
+            g["lr"] = lr_at(base, step, total, warmup=cfg.warmup)
+        n = data["latents"].shape[0]
+        idx = torch.randint(n, (cfg.batch,), generator=self.gen, device=self.device)
+        scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+        x0 = (data["latents"][idx].float() - shift) * scale
+        picked = self.pick(idx)
         with autocast(self.device):
-            text = self.captions.encode(pipe)  # every caption: a fixed shape, no host sync
+            text, rows = self.encode(picked)
             loss = flow_loss(
-                pipe,
-                x0,
-                text,
-                cap_idx,
-                self.gen,
-                float(cfg.arch["scheduler"]["shift"]),
-                self.img_ids,
+                pipe, x0, text, rows, self.gen, float(cfg.arch["scheduler"]["shift"]), self.img_ids
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

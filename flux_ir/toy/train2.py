@@ -45,16 +45,15 @@ from flux_ir.models.toy import ARCH_2, SMOKE_ARCH_2, build_toy_pipeline, toy_wei
 from flux_ir.toy.train import (
     CHECKPOINT_FILE,
     Clock,
+    DitTraining,
     RunState,
     TrainConfig,
     VaeTraining,
     autocast,
     export_weights,
     finish,
-    flow_loss,
     latent_statistics,
     log,
-    lr_at,
     setup_device,
     train_vae,
     vae_psnr,
@@ -366,41 +365,12 @@ class VaeTraining2(VaeTraining):
         return make_world(n, size, generator=self.gen, device=self.device).images
 
 
-class DitTraining2:
-    """The transformer phase: live modules, their EMA, the fused AdamW, the generator."""
+class DitTraining2(DitTraining):
+    """flux-toy-2's transformer phase: `DitTraining` with each scene's caption variants, tokenised
+    on the device (`encode_world`), instead of flux-toy's caption tables."""
 
-    def __init__(self, pipe: FluxPipeline, data: dict, cfg: TrainConfig2, device: torch.device):
-        self.pipe, self.data, self.cfg, self.device = pipe, data, cfg, device
-        self.modules = {
-            "transformer": pipe.transformer,
-            "text_encoder": pipe.text_encoder,
-            "text_encoder_2": pipe.text_encoder_2,
-        }
-        for m in self.modules.values():
-            m.train().requires_grad_(True)
-        self.ema = {
-            k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in self.modules.items()
-        }
-        self.ema_params = [p for k in self.modules for p in self.ema[k].parameters()]
-        self.live_params = [p for k in self.modules for p in self.modules[k].parameters()]
-        text_params = list(pipe.text_encoder.parameters()) + list(pipe.text_encoder_2.parameters())
-        self.opt = torch.optim.AdamW(
-            [
-                dict(params=list(pipe.transformer.parameters()), lr=cfg.lr),
-                dict(params=text_params, lr=cfg.text_lr),
-            ],
-            weight_decay=0.01,
-            betas=(0.9, 0.99),
-            fused=True,
-        )
-        self.gen = torch.Generator(device).manual_seed(cfg.seed + 2)
-        self.skipped = torch.zeros((), device=device)
-        _, _, h, w = data["latents"].shape
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(
-            cfg.batch, h // 2, w // 2, device, torch.float32
-        )
-        if cfg.compile:
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+    def setup_captions(self) -> None:
+        pass  # the captions come tokenised with the scenes (data["clip"], data["t5"])
 
     def pick(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption ids for samples `idx` [B]: neutral with p_neutral, a partial variant with
@@ -419,33 +389,10 @@ class DitTraining2:
         t5 = torch.where(neutral, data["neutral_t5"], t5)
         return clip, t5
 
-    def step(self, step: int, total: int) -> torch.Tensor:
-        """Queue update number `step` of `total`; returns its loss (a device tensor)."""
-        cfg, pipe, data = self.cfg, self.pipe, self.data
-        for g, base in zip(self.opt.param_groups, (cfg.lr, cfg.text_lr)):
-            g["lr"] = lr_at(base, step, total, warmup=cfg.warmup)
-        n = data["latents"].shape[0]
-        idx = torch.randint(n, (cfg.batch,), generator=self.gen, device=self.device)
-        scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
-        x0 = (data["latents"][idx].float() - shift) * scale
-        clip, t5 = self.pick(idx)
-        rows = torch.arange(cfg.batch, device=self.device)
-        with autocast(self.device):
-            text = encode_ids(pipe, clip, t5)
-            loss = flow_loss(
-                pipe, x0, text, rows, self.gen, float(cfg.arch["scheduler"]["shift"]), self.img_ids
-            )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.live_params, 1.0)
-        found_inf = (~torch.isfinite(norm)).float()
-        self.opt.found_inf = found_inf
-        self.opt.step()
-        self.skipped += found_inf
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.live_params, 1 - decay)
-        return loss
+    def encode(self, picked) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Each sample's own caption, encoded: row i is sample i."""
+        clip, t5 = picked
+        return encode_ids(self.pipe, clip, t5), torch.arange(clip.shape[0], device=self.device)
 
 
 # ----------------------------------------------------------------------------- small checkpoints
