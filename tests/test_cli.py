@@ -177,3 +177,28 @@ def test_flux_toy_captures_at_its_native_size_with_its_cfg_by_default(tmp_path):
     meta = json.loads(meta.read_text())
     assert (meta["width"], meta["height"]) == (128, 128)
     assert meta["true_cfg_scale"] == 2.0 and meta["negative_prompt"] == ""
+
+
+@pytest.mark.parametrize(
+    ("copy", "fmt", "prepared"),
+    [("pinned", "pt", True), ("pinned", "shards", True), ("pageable", "pt", False)],
+)
+def test_capture_page_locks_its_memory_before_the_model_loads(
+    copy, fmt, prepared, tmp_path, monkeypatch
+):
+    calls = []
+
+    def prepare(load, opts, selection, streaming=False):
+        calls.append(("prepare", load.spec.name, selection.single_blocks, streaming))
+        return 0
+
+    def stop_loading(*a, **k):
+        calls.append(("load",))
+        raise KeyboardInterrupt  # nothing after the load matters here
+
+    monkeypatch.setattr("flux_ir.capture.prepare_capture", prepare)
+    monkeypatch.setattr("flux_ir.models.load_pipeline", stop_loading)
+    args = ["--copy", copy, "--format", fmt, "--single_blocks", "1,2"]
+    main(["capture", "--model", "flux-toy", "--output_dir", str(tmp_path), *args])
+    expected = [("prepare", "flux-toy", (1, 2), fmt == "shards")] if prepared else []
+    assert calls == [*expected, ("load",)]

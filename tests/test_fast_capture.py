@@ -291,3 +291,85 @@ def test_single_block_slices_are_copied_as_their_joint_buffer():
         joint = torch.randn(3, 7, 4)  # batch 3: each slice alone is not contiguous
         assert torch.equal(_joint_parent(joint[:, :2], joint[:, 2:]), joint)
         assert _joint_parent(torch.randn(3, 2, 4), torch.randn(3, 5, 4)) is None
+
+
+def test_prefill_makes_free_memory_once_and_counts_what_is_free():
+    pool = small_pool(budget=16 * MiB, keep=0)
+    pool.prefill(3 * MiB)  # two 2 MiB regions
+    assert pool.wait_idle(timeout=30) and pool.free_bytes == 2 * PAGE and pool.demand == 0
+    pool.prefill(3 * MiB)  # free already: nothing more is made
+    assert pool.wait_idle(timeout=30) and pool.stats["regions"] == 2
+    copier = AsyncCopier(pool=pool)
+    out = copier.copy(torch.ones(10))
+    copier.synchronize()
+    assert pool.stats["misses"] == 0  # the copy found a prefilled region
+    del out
+    gc.collect()  # keep=0: the region goes back to the system ...
+    assert pool.wait_idle(timeout=30)
+    assert pool.total == PAGE and pool.stats["regions"] == 2  # ... and is not made again
+
+
+def test_trim_ends_a_prefill():
+    pool = small_pool(budget=16 * MiB)
+    pool.prefill(7 * MiB)
+    pool.trim()
+    assert pool.wait_idle(timeout=30)
+    pool.trim()
+    assert pool.target == 0 and pool.free_bytes == 0
+
+
+def test_prepare_capture_asks_what_run_capture_reserves(tiny):
+    from flux_ir.capture import CaptureOptions, prepare_capture
+    from flux_ir.capture.run import TransformerShape, host_bytes_asked
+    from flux_ir.models import LoadOptions, load_pipeline
+
+    pipe, _ = tiny
+    opts = small_opts(num_steps=2)
+    sel = Selection(single_blocks=[0, 1]).resolve(2, 4, 2)
+    total, per_step, _ = capture_nbytes(pipe.transformer, sel, opts.sampling, 1)
+    for streaming in (False, True):
+        pool = small_pool(budget=64 * MiB)
+        asked = prepare_capture(
+            pipe, opts, Selection(single_blocks=[0, 1]), streaming=streaming, pool=pool
+        )
+        assert asked == host_bytes_asked(total, per_step, streaming)
+        assert pool.wait_idle(timeout=30) and pool.free_bytes >= asked
+    assert prepare_capture(pipe, opts) == 0  # the default pool does not page-lock without CUDA
+    # before loading: the same bytes from the config as from the loaded model
+    load = LoadOptions.create("flux-toy-2", "cpu")
+    toy, _ = load_pipeline(load)
+    toy_opts = CaptureOptions.from_spec(load.spec, seed=0)
+    pool = small_pool(budget=1 << 30)
+    shape = TransformerShape.of(toy.transformer)
+    assert (
+        prepare_capture(load, toy_opts, pool=pool)
+        == prepare_capture(toy, toy_opts, pool=small_pool(budget=1 << 30))
+        > 0
+    )
+    assert shape.num_double == 6 and shape.num_single == 12
+    pool.close()
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell", "flux-toy"])
+def test_transformer_config_is_the_architecture_that_loads(model, tmp_path):
+    from flux_ir.capture.run import TransformerShape
+    from flux_ir.models import LoadOptions, build_random_pipeline, transformer_config
+
+    load = LoadOptions.create(model, "cpu", weights="random")
+    built = build_random_pipeline(load.spec, "meta", torch.bfloat16)  # shapes alone
+    shape = TransformerShape.from_config(transformer_config(load), torch.bfloat16)
+    assert shape == TransformerShape.of(built.transformer)
+
+
+def test_transformer_config_reads_a_saved_pipeline_and_knows_when_it_cannot(tiny, tmp_path):
+    from flux_ir.capture.run import TransformerShape
+    from flux_ir.models import LoadOptions, save_pipeline, transformer_config
+
+    pipe, spec = tiny
+    assert transformer_config(LoadOptions.create("flux-tiny", "cpu")) is None  # built in code
+    save_pipeline(pipe, tmp_path / "saved", spec)
+    load = LoadOptions.create(str(tmp_path / "saved"), "cpu")
+    shape = TransformerShape.from_config(transformer_config(load), torch.float32)
+    assert shape == TransformerShape.of(pipe.transformer)
+    missing = LoadOptions.create("flux-dev", "cpu")  # pretrained, not in the local cache
+    assert transformer_config(missing) is None

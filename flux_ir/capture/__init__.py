@@ -10,7 +10,7 @@ from flux_ir.capture.attention import (
 )
 from flux_ir.capture.copy import AsyncCopier, HostCopier, SyncCopier, make_copier
 from flux_ir.capture.options import CaptureOptions
-from flux_ir.capture.run import run_capture
+from flux_ir.capture.run import prepare_capture, run_capture
 from flux_ir.capture.schema import Capture
 from flux_ir.capture.select import Selection
 from flux_ir.capture.trace import BlockTrace
@@ -24,6 +24,7 @@ __all__ = [
     "Selection",
     "SyncCopier",
     "make_copier",
+    "prepare_capture",
     "run_capture",
     "AttentionMaps",
     "AttentionOptions",

@@ -259,6 +259,7 @@ class HostPool:
         self.live = 0  # bytes of regions handed out and not yet returned
         self.making = 0
         self.demand = 0  # bytes reservations still ask for
+        self.target = 0  # bytes of regions `prefill` asked the pool to reach, in use or free
         self.largest = 0  # the largest tensor a reservation announced
         self.stats = {
             "regions": 0, "made_bytes": 0, "make_s": 0.0, "touch_s": 0.0, "misses": 0, "taken": 0,
@@ -288,6 +289,19 @@ class HostPool:
                 self._start_growers()
             self._cond.notify_all()
         del extra  # unpinned regions nobody asks for go back to the system (outside the lock)
+
+    def prefill(self, nbytes: int) -> None:
+        """Make `nbytes` more free memory in the background, once, for a capture to come
+        (`flux_ir.capture.prepare_capture`): page-locking is paid beside other work (loading the
+        model) rather than beside the first capture's denoising, where it stalls kernel launches.
+        Free regions count; unlike `reserve`, nothing stays asked: once made, regions taken and
+        returned are not made again."""
+        with self._cond:
+            more = int(nbytes) - self.free_bytes - self.making
+            if more > 0:
+                self.target = max(self.target, self.total + more)
+                self._start_growers()
+                self._cond.notify_all()
 
     def take(self, nbytes: int) -> np.ndarray | None:
         """A view of the smallest free region of at least `nbytes`, or None (no waiting: the caller
@@ -343,6 +357,7 @@ class HostPool:
     def trim(self) -> int:
         """Give every free region back to the system; returns the bytes freed."""
         with self._cond:
+            self.target = 0  # a prefill asked before is over
             freed, self._free = self._free, []
             n = sum(r.size for r in freed)
             self.total -= n
@@ -362,7 +377,7 @@ class HostPool:
 
     # -- growth ----------------------------------------------------------------------------------
     def _want(self) -> int:
-        return self.demand - self.free_bytes - self.making
+        return max(self.demand - self.free_bytes - self.making, self.target - self.total)
 
     def _next_size(self) -> int:
         """Bytes of the next region to make (0: none), under the lock; requests that cannot fit the
@@ -407,6 +422,8 @@ class HostPool:
                     self._burst += 1
                 self.making += size
                 self.total += size
+                if self.total >= self.target:
+                    self.target = 0  # reached: a prefill is made once
             t0 = time.perf_counter()
             try:
                 region = make_region(size, self.pin, self.huge_pages)
@@ -414,7 +431,7 @@ class HostPool:
                 with self._cond:
                     self.making -= size
                     self.total -= size
-                    self.demand, self._sizes = 0, []
+                    self.demand, self.target, self._sizes = 0, 0, []
                     self._cond.notify_all()
                 continue
             with self._cond:

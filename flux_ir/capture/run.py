@@ -15,13 +15,14 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
 from flux_ir.capture.attention import AttentionOptions, AttentionTrace
-from flux_ir.capture.copy import HostCopier
+from flux_ir.capture.copy import HostCopier, HostPool, host_pool
 from flux_ir.capture.options import CaptureOptions
 from flux_ir.capture.schema import Capture, build_capture
 from flux_ir.capture.select import Selection
@@ -68,7 +69,7 @@ def run_capture(
     reserve = getattr(copier, "reserve", None)
     if reserve is not None:  # page-locking starts now, beside the text encoders and first steps
         total, per_step, largest = capture_nbytes(transformer, sel, sampling, opts.num_images)
-        reserve(total if sink is None else min(total, STREAM_STEPS * per_step), largest)
+        reserve(host_bytes_asked(total, per_step, sink is not None), largest)
     final: dict[str, torch.Tensor] = {}
 
     def keep_latents(p, i, t, kwargs):
@@ -145,12 +146,51 @@ def run_capture(
 STREAM_STEPS = 4  # steps of host memory a streaming sink holds at most (writer queue and slack)
 
 
+@dataclass(frozen=True)
+class TransformerShape:
+    """What sizes a capture: the transformer's width, blocks, pooled-text width and dtype."""
+
+    inner_dim: int
+    num_double: int
+    num_single: int
+    pooled_projection_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, transformer) -> TransformerShape:
+        """The shape of a loaded `FluxTransformer2DModel`."""
+        return cls(
+            int(transformer.inner_dim),
+            len(transformer.transformer_blocks),
+            len(transformer.single_transformer_blocks),
+            int(transformer.config.pooled_projection_dim),
+            transformer.dtype,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> TransformerShape:
+        """The shape a transformer config (`FluxTransformer2DModel`'s entries) will have in `dtype`."""
+        return cls(
+            int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+            int(config["num_layers"]),
+            int(config["num_single_layers"]),
+            int(config["pooled_projection_dim"]),
+            dtype,
+        )
+
+
 def capture_nbytes(transformer, sel: Selection, sampling, num_images: int) -> tuple[int, int, int]:
     """Host bytes a capture will take: (whole run, one captured step, the largest tensor), with a
-    margin for the ends of page-locked regions that tensors do not fill. `sel` is resolved."""
+    margin for the ends of page-locked regions that tensors do not fill. `transformer`: the model
+    or its `TransformerShape`; `sel` is resolved."""
+    shape = (
+        transformer
+        if isinstance(transformer, TransformerShape)
+        else TransformerShape.of(transformer)
+    )
     b, passes = num_images, sampling.passes_per_step
-    d = transformer.inner_dim
-    item = (sel.torch_dtype or transformer.dtype).itemsize
+    d = shape.inner_dim
+    item = (sel.torch_dtype or shape.dtype).itemsize
     n_tokens = sampling.token_grid[0] * sampling.token_grid[1]
     n_img, n_txt = n_tokens, sampling.max_sequence_length
     if sel.reduce == "mean":
@@ -160,13 +200,69 @@ def capture_nbytes(transformer, sel: Selection, sampling, num_images: int) -> tu
     img = n_img * d * b * item if sel.streams != "txt" else 0
     txt = n_txt * d * b * item if sel.streams != "img" else 0
     blocks = (len(sel.double_blocks) + len(sel.single_blocks)) * (img + txt)
-    model_item = transformer.dtype.itemsize
-    context = b * model_item * (n_tokens * 64 + transformer.config.pooled_projection_dim + d)
+    model_item = shape.dtype.itemsize
+    context = b * model_item * (n_tokens * 64 + shape.pooled_projection_dim + d)
     steps = sampling.num_steps if sel.steps is None else len(sel.steps)
     per_step = passes * blocks
     total = steps * per_step + passes * sampling.num_steps * context
     largest = img + txt if sel.single_blocks and sel.full else max(img, txt)
     return int(total * 1.15) + 2 * largest, int(per_step * 1.15), largest
+
+
+def host_bytes_asked(total: int, per_step: int, streaming: bool) -> int:
+    """What a capture asks the pool for: the whole run, or a few steps when a sink streams it."""
+    return min(total, STREAM_STEPS * per_step) if streaming else total
+
+
+def prepare_capture(
+    model,
+    opts: CaptureOptions,
+    selection: Selection | None = None,
+    *,
+    streaming: bool = False,
+    pool: HostPool | None = None,
+) -> int:
+    """Start page-locking the host memory a capture of `opts` will fill, in the background, and
+    return at once with the bytes asked (0 where there is nothing to do: the pool does not
+    page-lock, on a machine without CUDA, or the model's config is unknown before it loads).
+
+    Call it before `load_pipeline` with the same `LoadOptions` (the memory is page-locked while the
+    model loads), or with the loaded pipeline some time before the capture. Without it, the first
+    capture of a process page-locks beside its own text encoding and denoising, and the driver's
+    page-locking calls stall the kernel launches there (flux-dev 1024², 4 steps, on an H200: 1.74 s
+    against 1.00 s with the pool grown beforehand; `benchmarks/diag_first_capture.py`).
+
+    `model`: `LoadOptions`, a `FluxPipeline` or its transformer. `selection` as `run_capture`'s;
+    `streaming`: the capture goes to a sink (shards), which holds a few steps at a time. `pool`:
+    default the process's shared pool (`host_pool()`), the one `AsyncCopier` carves from.
+
+        >>> from flux_ir.models import LoadOptions
+        >>> load = LoadOptions.create("flux-toy", "cpu")
+        >>> opts = CaptureOptions.from_spec(load.spec, seed=0)
+        >>> pool = HostPool(pin=False, threads=1)     # the default pool page-locks on CUDA only
+        >>> n = prepare_capture(load, opts, pool=pool)
+        >>> n > 0 and pool.wait_idle(timeout=60) and pool.free_bytes >= n
+        True
+    """
+    from flux_ir.models.loading import LoadOptions, transformer_config
+
+    if pool is None:
+        pool = host_pool()
+        if not pool.pin:
+            return 0
+    if isinstance(model, LoadOptions):
+        config = transformer_config(model)
+        if config is None:
+            return 0
+        shape = TransformerShape.from_config(config, model.torch_dtype)
+    else:
+        shape = TransformerShape.of(getattr(model, "transformer", model))
+    sampling = opts.sampling
+    sel = (selection or Selection()).resolve(shape.num_double, shape.num_single, sampling.num_steps)
+    total, per_step, _ = capture_nbytes(shape, sel, sampling, opts.num_images)
+    nbytes = host_bytes_asked(total, per_step, streaming)
+    pool.prefill(nbytes)
+    return nbytes
 
 
 def timestamp() -> str:

@@ -83,8 +83,8 @@ def capture(
             (default: none, whole tensors).
         format: "pt" (one file at the end) or "shards" (safetensors shards streamed per step,
             for large runs: host memory stays bounded).
-        copy: "pinned" (side-stream copies straight into page-locked host memory, made beside
-            the model loading and the first steps and reused by every capture of the process),
+        copy: "pinned" (side-stream copies straight into page-locked host memory, made while
+            the model loads and reused by every capture of the process),
             "pageable" (every copy staged into ordinary host memory, none page-locked) or "sync"
             (blocking `.cpu()`).
         compile: torch.compile every block's forward (hooks stay outside the graphs); the first
@@ -97,7 +97,7 @@ def capture(
             or unipc (UniPC), all on FLUX's noise levels; recorded in the metadata. The next
             decode target needs euler.
     """
-    from flux_ir.capture import CaptureOptions, Selection, make_copier
+    from flux_ir.capture import CaptureOptions, Selection, make_copier, prepare_capture
     from flux_ir.io.dirs import check_output_dir
     from flux_ir.lens import LensOptions
     from flux_ir.models import LoadOptions, load_pipeline
@@ -133,6 +133,8 @@ def capture(
     )
     copier = make_copier(copy)
     out = check_output_dir(output_dir)
+    if copy == "pinned":  # page-locked while the model loads, not beside the first steps
+        prepare_capture(load, opts, run.selection, streaming=format == "shards")
 
     spec = load.spec
     where = "the GPUs (device map: balanced)" if load.multi_gpu else load.device

@@ -9,6 +9,7 @@ from flux_ir.models.loading import (
     default_dtype,
     load_pipeline,
     save_pipeline,
+    transformer_config,
 )
 from flux_ir.models.random_init import build_random_pipeline
 from flux_ir.models.registry import REGISTRY, ModelSpec, resolve_model
@@ -25,6 +26,7 @@ __all__ = [
     "default_device",
     "default_dtype",
     "load_pipeline",
+    "transformer_config",
     "resolve_model",
     "save_pipeline",
     "weights_fingerprint",

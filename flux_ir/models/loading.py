@@ -234,6 +234,33 @@ def load_pipeline(
     return pipe, spec
 
 
+def transformer_config(opts: LoadOptions) -> dict | None:
+    """The transformer's config entries as `load_pipeline(opts)` will build it, read without
+    loading a weight (None where that is not cheap: flux-tiny, or no local config to read). Callers
+    size host memory with it before the model loads (`flux_ir.capture.prepare_capture`)."""
+    spec = opts.spec
+    if spec.source == "builtin":
+        return None
+    if spec.source == "package":
+        from flux_ir.models.toy import ARCH, ARCH_2
+
+        return dict((ARCH_2 if spec.name == "flux-toy-2" else ARCH)["transformer"])
+    if opts.weights == "random":
+        from flux_ir.models.random_init import TRANSFORMER
+
+        return dict(TRANSFORMER)
+    from diffusers import FluxTransformer2DModel
+
+    try:  # a local directory, or the hub's cache: never the network
+        return dict(
+            FluxTransformer2DModel.load_config(
+                spec.source, subfolder="transformer", local_files_only=True
+            )
+        )
+    except Exception:  # not downloaded yet: the capture sizes itself when it starts
+        return None
+
+
 def place_pipeline(
     pipe: FluxPipeline, device: str, offload: str = "none", group: GroupOffload | None = None
 ) -> None:
