@@ -173,3 +173,9 @@ def test_the_readmes_attention_example_runs(tmp_path, monkeypatch):
     assert scope["words"] == {"circle": 2, "background": 6}
     assert scope["trace"].maps["single", -1, -1, "txt->img"].shape == (1, 2, 8, 8)
     assert (tmp_path / "attention.png").is_file() and (tmp_path / "attention.safetensors").is_file()
+
+
+def test_the_readmes_prepare_capture_example_runs():
+    scope: dict = {}
+    exec(compile(readme_block("### Fast capture"), "<README Fast capture>", "exec"), scope)
+    assert scope["cap"].image_tokens("single", -1, step=0).shape == (1, 64, 128)
