@@ -315,6 +315,19 @@ def test_train_cli_refuses_an_unknown_world(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --world must be 1 or 2")
 
 
+@pytest.mark.parametrize("flag", ["--science", "--science_only"])
+def test_quality_refuses_the_science_bars_for_world_2_before_loading(flag, capsys, monkeypatch):
+    from flux_ir.toy.cli import quality
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("flux_ir.models.load_pipeline", no_loading)
+    assert run_fire(quality, ["--world", "2", flag, "True"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}: the science bars read flux-toy's world")
+
+
 def test_toy2_continues_its_own_weights_with_the_vae_frozen(toy2_weights, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -101,7 +101,7 @@ def quality(
     skip_cpu: bool = False,
     world: int = 1,
     checker_scenes: int = 200,
-    science: bool = True,
+    science: bool | None = None,
     science_only: bool = False,
     lens_steps: str | None = None,
     settle_points: int = 64,
@@ -131,8 +131,9 @@ def quality(
         world: 1 (flux-toy) or 2 (flux-toy-2; weights default to $FLUX_IR_TOY2_WEIGHTS, else the
             package's).
         checker_scenes: --world 2: random scenes for the checker's own accuracy.
-        science: measure the science bars after the quality bars.
-        science_only: measure only the science bars.
+        science: measure the science bars after the quality bars (default: with --world 1;
+            they read flux-toy's world of one shape and are not defined for --world 2).
+        science_only: measure only the science bars (--world 1).
         lens_steps: denoising steps at which blocks are decoded against x_k, e.g. 4,8,12,-1 or
             8-10 (negative: from the end; all: every step; default: from a quarter of the
             run on, every eighth of it, and the last step: 4,6,...,14,15 for 16 steps).
@@ -154,6 +155,14 @@ def quality(
 
     if world not in (1, 2):
         raise InvalidArgumentError(f"{{param}} must be 1 or 2, got {world!r}", "world")
+    if world == 2 and (science or science_only):
+        flag = "science_only" if science_only else "science"
+        raise InvalidArgumentError(
+            "{param}: the science bars read flux-toy's world (one of three shapes per scene); "
+            "they are not defined for --world 2: leave it out",
+            flag,
+        )
+    science = world == 1 if science is None else bool(science)
     model = "flux-toy" if world == 1 else "flux-toy-2"
     load = LoadOptions.create(
         model,
