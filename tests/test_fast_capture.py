@@ -334,7 +334,8 @@ def test_prepare_capture_asks_what_run_capture_reserves(tiny):
         )
         assert asked == host_bytes_asked(total, per_step, streaming)
         assert pool.wait_idle(timeout=30) and pool.free_bytes >= asked
-    assert prepare_capture(pipe, opts) == 0  # the default pool does not page-lock without CUDA
+    if not torch.cuda.is_available():  # the default pool page-locks only with CUDA
+        assert prepare_capture(pipe, opts) == 0
     # before loading: the same bytes from the config as from the loaded model
     load = LoadOptions.create("flux-toy-2", "cpu")
     toy, _ = load_pipeline(load)
