@@ -10,10 +10,11 @@ copier=make_copier(kind))` with a new copier for every capture, as the command l
 timed until run_capture returned (the copier synchronised: every tensor is in host memory). Each
 size starts with an empty page-locked pool (`reset_host_pool()`) and one plain call (the shapes'
 kernels warm up there); then `first`: the first capture at that size (the first of the process at
-the first size), with the `--first` copier; then `prepared`: the pool emptied again, `prepare_capture
-(pipe, opts)` called before one plain call (the work beside which page-locking runs, as loading the
-model is on the command line), and a capture with a new `--first` copier; then `--rounds` rounds of plain and each copier in turn,
-the previous capture dropped before the next (medians). `first × plain` divides by plain's median.
+the first size), with the `--first` copier; then `prepared`: the pool emptied again,
+`prepare_capture(pipe, opts)` called before one plain call (the work beside which page-locking runs,
+as loading the model is on the command line), and a capture with a new `--first` copier; then
+`--rounds` rounds of plain and each copier in turn, the previous capture dropped before the next
+(medians). `first × plain` divides by plain's median.
 For the first capture: bytes the copier carved from the pool and staged (no region ready yet), and
 the pool's regions made meanwhile. Pool diagnostics (first size): the pool's growth rate (GB/s,
 from empty, its default threads; per thread, split into touching the pages and registering them;
