@@ -8,18 +8,16 @@ import torch
 
 from flux_ir.capture import Selection, run_capture
 from flux_ir.capture.copy import (
-    PAGE,
     AsyncCopier,
-    HostPool,
     PinnedPool,
     SyncCopier,
     drain_runs,
-    host_pool,
     make_copier,
     slab_layout,
 )
 from flux_ir.capture.run import capture_nbytes
 from flux_ir.errors import InvalidArgumentError
+from flux_ir.io.host_memory import PAGE, HostPool, host_pool
 
 from .conftest import small_opts
 
