@@ -7,7 +7,9 @@ nvidia-smi shows it, time against no offload (first call included).
 
 What is measured: for each `--offload` mode or group variant, in its own process: the pipeline as
 the command line loads it (`load_pipeline(model, device="cuda", offload=mode, weights="random")`:
-made on the meta device, every parameter filled on the GPU and moved to the CPU for offloaded modes;
+made on the meta device, every parameter filled on the GPU and moved to the CPU for offloaded modes
+(for `group`: VAE and CLIP made on the GPU and kept there, the other parameters copied straight into
+page-locked memory, where diffusers keeps them);
 variants place it with their `GroupOffload`), timed (`setup_s`); a capture of every block, both
 streams, every step (async copier, held in host memory, prompt to PIL image), the first call of the
 process (`first_capture_s`); a plain generation timed by component (text_s: `encode_prompt`;

@@ -180,6 +180,30 @@ def test_random_weights_are_filled_per_parameter_from_the_seed():
     assert torch.equal(ids[0], torch.arange(77)[None])  # buffers are built, not filled
 
 
+def test_offloaded_random_weights_are_carved_from_host_regions_with_the_same_values():
+    """host="pinned" (ordinary regions without CUDA: the same bookkeeping): the same weights as
+    pageable, each offloaded parameter carved right after the one before it, resident ones apart."""
+    from flux_ir.models import weights_fingerprint
+    from flux_ir.models.random_init import host_arena
+
+    plain = small_random(4)
+    pinned = small_random(4, resident=("vae", "text_encoder"), host="pinned")
+    assert weights_fingerprint(pinned) == weights_fingerprint(plain)
+    params = list(pinned.transformer.parameters()) + list(pinned.text_encoder_2.parameters())
+    for before, after in zip(params, params[1:], strict=False):
+        nbytes = before.numel() * before.element_size()
+        assert after.data_ptr() == before.data_ptr() + nbytes + (-nbytes % 256)
+    ptrs = {p.data_ptr() for p in params}
+    assert not ptrs & {p.data_ptr() for p in pinned.vae.parameters()}
+    arena = host_arena([plain.transformer])
+    arena.close()  # does not wait for a region being made: it is dropped once made
+    for thread in arena.pool._growers:
+        thread.join()
+    assert arena.stats["carved_bytes"] == 0 and arena.pool.total == 0  # nothing kept once closed
+    with pytest.raises(InvalidArgumentError, match="pageable, pinned"):
+        small_random(4, host="locked")
+
+
 def test_random_weights_keep_their_fingerprint_under_offload_and_generate():
     from flux_ir.models import weights_fingerprint
     from flux_ir.sampling import generate

@@ -213,9 +213,16 @@ def load_pipeline(
     spec, device, mode, dtype = opts.spec, opts.device, opts.offload, opts.torch_dtype
     if opts.weights == "random":
         # filled on the device it runs on (seconds on a GPU); offloaded pipelines then rest on the
-        # CPU, one parameter at a time
+        # CPU, one parameter at a time; for group offloading on a GPU the resident components stay
+        # there and the others go straight into the page-locked memory diffusers offloads them to
+        group = mode == "group" and torch.device(device).type == "cuda"
         pipe = build_random_pipeline(
-            spec, device if mode == "none" else "cpu", dtype, init_device=device
+            spec,
+            device if mode == "none" else "cpu",
+            dtype,
+            init_device=device,
+            resident=GroupOffload().resident if group else (),
+            host="pinned" if group else "pageable",
         )
     elif spec.source == "builtin":
         pipe = build_tiny_pipeline()

@@ -3,13 +3,19 @@
     pipe = build_random_pipeline(REGISTRY["flux-dev"], device="meta")   # the shapes alone, at once
     # build_random_pipeline(REGISTRY["flux-dev"], device="cuda", dtype=torch.bfloat16) to run it
     # build_random_pipeline(spec, device="cpu", dtype=torch.bfloat16, init_device="cuda")  # offload
+    # ... resident=("vae", "text_encoder"), host="pinned")   # for group offloading (see below)
 
 The components are first made on the meta device (the shapes alone, no memory, no random numbers),
 then every parameter is made and filled on `init_device` (default `device`) in `dtype`, one at a
 time, and moved to `device`: on a GPU that is a few seconds of copying for the 16.9 B parameters of
 FLUX.1 with its text encoders, where filling them on the CPU took minutes, and the GPU never holds
 more than one parameter beyond what stays there (an offloaded pipeline is built this way on a
-24 GB card). Each parameter is drawn from its own generator, seeded from `seed`, the component and
+24 GB card). For group offloading, `resident` components are made on the device and stay there,
+and `host="pinned"` carves the other components' parameters from page-locked memory
+(`flux_ir.io.host_memory.HostArena`, page-locked by several threads while the filling runs): the
+device copies each parameter straight into it, and diffusers, which keeps offloaded weights in
+page-locked memory, finds them there instead of copying all of them again through its own
+single-threaded page-locked allocations. Each parameter is drawn from its own generator, seeded from `seed`, the component and
 the parameter's name: matrices and convolution kernels uniform in ±1/sqrt(fan_in) (torch's default
 for linear layers), biases zero, norm weights one. The same seed gives the same weights in every
 process and offload mode on one kind of device (`weights_fingerprint` shows it); CPU and CUDA
@@ -34,6 +40,8 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from flux_ir.errors import InvalidArgumentError
+from flux_ir.io.host_memory import HostArena, HostPool
 from flux_ir.models.registry import ModelSpec
 from flux_ir.models.tiny import (
     VAE_SCALING_FACTOR,
@@ -96,6 +104,7 @@ T5_XXL = dict(  # google/t5-v1_1-xxl encoder
     is_gated_act=True,
     layer_norm_epsilon=1e-6,
 )
+HOSTS = ("pageable", "pinned")  # where offloaded parameters go (`build_random_pipeline(host=)`)
 SCHEDULER_SCHNELL = dict(shift=1.0, use_dynamic_shifting=False)
 SCHEDULER_DEV = dict(
     shift=3.0,
@@ -114,15 +123,22 @@ def build_random_pipeline(
     seed: int = 0,
     init_device: str | torch.device | None = None,
     sizes: dict[str, dict] | None = None,
+    resident: tuple[str, ...] = (),
+    host: str = "pageable",
 ) -> FluxPipeline:
     """`spec`'s architecture with random weights on `device` in `dtype` ("meta": the shapes alone),
     filled on `init_device` (default `device`; "cuda" for a pipeline that is then offloaded from
     the CPU). `sizes` overrides config entries per component ("transformer", "vae", "clip", "t5";
-    small architectures for tests).
+    small architectures for tests). `resident`: components ("vae", "text_encoder", ...) left on
+    `init_device` instead. `host`: where the other components' parameters go when `device` is the
+    CPU: "pageable" (ordinary tensors) or "pinned" (carved from page-locked memory made for them;
+    ordinary memory where CUDA is absent).
 
     flux-tiny is returned as built in code (its weights are random already), flux-toy's
     architecture with its own initialisation.
     """
+    if host not in HOSTS:
+        raise InvalidArgumentError(f"{{param}} {host!r}: choose one of {', '.join(HOSTS)}", "host")
     if spec.source == "builtin":
         return build_tiny_pipeline(seed).to(device=device, dtype=dtype)
     if spec.source == "package":  # flux-toy's architecture, untrained
@@ -159,9 +175,21 @@ def build_random_pipeline(
     finally:
         torch.set_default_dtype(old_dtype)
     if torch.device(device).type != "meta":
-        for name, module in components.items():
-            fill_random(module, name, seed, device, init_device)
-        if torch.device(init_device or device).type == "cuda":
+        init = init_device or device
+        offloaded = [m for name, m in components.items() if name not in resident]
+        arena = None
+        if host == "pinned" and torch.device(device).type == "cpu":
+            arena = host_arena(offloaded)
+        try:
+            for name, module in components.items():
+                if name in resident:
+                    fill_random(module, name, seed, init)
+                else:
+                    fill_random(module, name, seed, device, init_device, arena=arena)
+        finally:
+            if arena is not None:
+                arena.close()
+        if torch.device(init).type == "cuda":
             torch.cuda.empty_cache()  # what filling cached goes back to the device
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHEDULER_DEV if guidance else SCHEDULER_SCHNELL)
@@ -176,6 +204,16 @@ def build_random_pipeline(
         t5_tok,
         c["transformer"],
     )
+
+
+def host_arena(modules: list[nn.Module]) -> HostArena:
+    """Page-locked memory for every parameter of `modules` (ordinary memory without CUDA), asked
+    for at once: a pool of its own, in regions of 1 GiB (at most a few percent left unused at
+    their ends, and a budget with room for that; what does not fit is ordinary memory)."""
+    sizes = [p.numel() * p.element_size() for m in modules for p in m.parameters()]
+    nbytes, largest = sum(sizes), max(sizes, default=0)
+    budget = nbytes + nbytes // 8 + 2 * largest
+    return HostArena(HostPool(budget=budget, region_bytes=1 << 30, keep=0), nbytes, largest)
 
 
 def param_seed(seed: int, component: str, name: str) -> int:
@@ -204,10 +242,12 @@ def fill_random(
     seed: int,
     device: str | torch.device,
     init_device: str | torch.device | None = None,
+    arena: HostArena | None = None,
 ) -> nn.Module:
     """Give every meta parameter of `module` its random values (`random_values`), made on
-    `init_device` (default `device`) one parameter at a time and moved to `device`; tied
-    parameters stay tied. Buffers move to `device`. Returns `module`."""
+    `init_device` (default `device`) one parameter at a time and moved to `device` (into a tensor
+    carved from `arena` when given: host memory); tied parameters stay tied. Buffers move to
+    `device`. Returns `module`."""
     device = torch.device(device)
     init = torch.device(init_device) if init_device is not None else device
     made: dict[int, nn.Parameter] = {}
@@ -219,7 +259,11 @@ def fill_random(
                 name = f"{prefix}.{local}" if prefix else local
                 seed_i = param_seed(seed, component, name)
                 values = random_values(name, param.shape, param.dtype, init, seed_i)
-                made[id(param)] = nn.Parameter(values.to(device), requires_grad=False)
+                if arena is not None:
+                    moved = arena.empty(param.shape, param.dtype).copy_(values)
+                else:
+                    moved = values.to(device)
+                made[id(param)] = nn.Parameter(moved, requires_grad=False)
                 del values
             sub._parameters[local] = made[id(param)]
     return module.to(device)  # buffers (the parameters are there already)
