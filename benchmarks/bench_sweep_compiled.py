@@ -11,14 +11,19 @@ inputs (`bench_sweep.transformer_step_seconds`, median after warm-up); the eager
 B / (steps x step), denoising only (no text encoding, no VAE, no files). Then a sweep of
 `--points` points (`run_sweep`: prompt encoded once, B points per call, VAE decode, PNGs written)
 after a one-batch warm-up sweep. Compiled, per `--modes` entry: `run_sweep(..., compile=mode)`
-(`compile_pipeline`: every block's forward and the VAE decoder's, torch.compile in that mode); its
+(`compile_pipeline`: every block's forward and the VAE decoder's, torch.compile in that mode;
+`MODE+casts`: compiled first with `compile_pipeline(pipe, MODE, eager_casts=True)`, inductor rounding
+to bfloat16 between fused operations where eager does; `MODE+eager_vae`: the transformer blocks
+alone, the VAE decoder eager); its
 one-batch warm-up sweep holds the compilation (`compile_s`: that sweep's time less an eager batch's),
 then the timed sweep of the same points into another directory, and the compiled step time. `ratio`
 is images/s over the eager bound (the target: at least 1.25); `hours_60k`: what 60,000 images take
 at that rate. Image differences, compiled against eager, over every value of every PNG: the share
 within one pixel level, the share equal, the largest difference; `eager_std` (the eager images'
 pixel standard deviation) shows they are not flat (random weights make noise, and in bfloat16 may
-overflow).
+overflow). `--reference_batch R` adds eager at batch R against eager at B (other GEMM kernels, the
+same arithmetic otherwise): how far the images move under rounding alone, the floor for compiled
+code's differences. `--model flux-toy` (its trained weights, 128²) shows the same on a trained model.
 """
 
 from __future__ import annotations
@@ -99,8 +104,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (4; 2 with --smoke)")
     p.add_argument("--batch", type=int, default=None, help="points per pipeline call (8; 2)")
     p.add_argument("--points", type=int, default=None, help="points per timed sweep (64; 4)")
-    p.add_argument("--modes", default="default", help="torch.compile modes, comma separated")
+    p.add_argument(
+        "--modes",
+        default="default,default+casts",
+        help="torch.compile modes, comma separated; MODE+casts: compile_pipeline(eager_casts=True); "
+        "MODE+eager_vae: the transformer blocks alone",
+    )
     p.add_argument("--step_repeats", type=int, default=None, help="timed transformer calls (10)")
+    p.add_argument(
+        "--weights", default=None, help="random or pretrained (random; flux-toy: its own)"
+    )
+    p.add_argument(
+        "--reference_batch",
+        type=int,
+        default=None,
+        help="also sweep eager at this batch size: how much eager itself differs (the floor)",
+    )
     args = p.parse_args()
     smoke = args.smoke
     model = args.model or ("flux-tiny" if smoke else "flux-schnell")
@@ -116,10 +135,11 @@ def main() -> None:
     )  # fmt: skip
     bargs.batch = batch
     t0 = time.perf_counter()
-    pipe, spec = load_pipeline(model, device=device, weights="pretrained" if smoke else "random")
+    weights = args.weights or ("pretrained" if smoke or model.startswith("flux-toy") else "random")
+    pipe, spec = load_pipeline(model, device=device, weights=weights)
     load_s = time.perf_counter() - t0
     result = {
-        "device": device_info(), "model": model, "size": size, "steps": steps, "batch": batch,
+        "device": device_info(), "model": model, "weights": weights, "size": size, "steps": steps, "batch": batch,
         "points": points, "load_s": load_s, "runs": {},
     }  # fmt: skip
     rows: list[dict] = []
@@ -136,16 +156,36 @@ def main() -> None:
             sweep_s=secs, warm_s=warm, bound_images_per_s=bound, eager_std=float(eager.std()),
         )  # fmt: skip
         rows.append(row)
+        if args.reference_batch:  # eager against eager: another batch size, other GEMM kernels
+            bargs.batch = args.reference_batch
+            secs_r = timed_sweep(pipe, bargs, spec, points, tmp / "eager_ref", device)
+            bargs.batch = batch
+            rows.append(
+                dict(
+                    config=f"eager (batch {args.reference_batch})",
+                    images_per_s=points / secs_r,
+                    sweep_s=secs_r,
+                    **image_diff(eager, pngs(tmp / "eager_ref")),
+                )
+            )
         batch_s = secs / (points / batch)
-        for mode in [m for m in args.modes.split(",") if m]:
+        for entry in [m for m in args.modes.split(",") if m]:
             uncompile(pipe)
             gc.collect()
-            name = f"compiled ({mode})"
+            name = f"compiled ({entry})"
+            mode, *extras = entry.split("+")
+            casts, vae = "casts" in extras, "eager_vae" not in extras
+            where = tmp / entry.replace("+", "_")
+            swept = mode if vae else None  # run_sweep(compile=...) would compile the VAE as well
             try:
                 if smoke:  # graph capture without code generation: seconds on a CPU
-                    compile_pipeline(pipe, mode, backend="eager")
-                warm_c = timed_sweep(pipe, bargs, spec, batch, tmp / f"{mode}_warm", device, mode)
-                secs_c = timed_sweep(pipe, bargs, spec, points, tmp / mode, device, mode)
+                    compile_pipeline(pipe, mode, backend="eager", vae=vae)
+                elif casts or not vae:  # compiled here; run_sweep leaves compiled parts as they are
+                    compile_pipeline(pipe, mode, eager_casts=casts, vae=vae)
+                warm_c = timed_sweep(
+                    pipe, bargs, spec, batch, where.with_name(where.name + "_warm"), device, swept
+                )
+                secs_c = timed_sweep(pipe, bargs, spec, points, where, device, swept)
                 step_c = bench_sweep.transformer_step_seconds(pipe, bargs, spec, batch, device)
             except Exception as err:  # a mode that does not fit is reported, not fatal
                 rows.append({"config": name, "error": f"{type(err).__name__}: {err}"[:500]})
@@ -155,7 +195,7 @@ def main() -> None:
                 config=name, images_per_s=points / secs_c, step_ms=1000 * step_c,
                 step_speedup=step / step_c, sweep_s=secs_c, warm_s=warm_c,
                 compile_s=warm_c - batch_s, bound_images_per_s=batch / (steps * step_c),
-                **image_diff(eager, pngs(tmp / mode)),
+                **image_diff(eager, pngs(where)),
             )  # fmt: skip
             rows.append(row)
         for r in rows:

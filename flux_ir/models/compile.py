@@ -57,13 +57,26 @@ def check_compile_mode(mode: str | None, param: str = "compile") -> str | None:
     return mode
 
 
-def compile_pipeline(pipe, mode: str = "default", *, vae: bool = True, **compile_kwargs):
+def compile_pipeline(
+    pipe, mode: str = "default", *, vae: bool = True, eager_casts: bool = False, **compile_kwargs
+):
     """Compile `pipe`'s transformer blocks (`compile_blocks`) and, with `vae`, its VAE decoder's
     forward, in torch.compile's `mode` (COMPILE_MODES); `compile_kwargs` go to torch.compile
     (`backend="eager"` checks graph capture without code generation). Parts compiled already are
-    left as they are. Compilation itself happens at the first call of each part. Returns `pipe`."""
+    left as they are. Compilation itself happens at the first call of each part. Returns `pipe`.
+
+    `eager_casts`: inductor rounds to the tensors' dtype (bfloat16) where eager PyTorch does, between
+    the operations it fuses (its `emulate_precision_casts`), instead of keeping float32 through a
+    fused kernel: images closer to eager's, at some cost in speed (benchmarks/bench_sweep_compiled.py
+    measures both)."""
     mode = check_compile_mode(mode, "mode")
-    kwargs = {**compile_kwargs, **({} if mode == "default" else {"mode": mode})}
+    if eager_casts:
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), "emulate_precision_casts": True}
+        kwargs = {**compile_kwargs, "options": options}
+    else:
+        kwargs = {**compile_kwargs, **({} if mode == "default" else {"mode": mode})}
     compile_blocks(pipe.transformer, **kwargs)
     decoder = pipe.vae.decoder
     if vae and getattr(decoder, COMPILED, None) is None:
