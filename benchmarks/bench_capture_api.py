@@ -14,7 +14,8 @@ the first size), with the `--first` copier; then `prepared`: the pool emptied ag
 `prepare_capture(pipe, opts)` called before one plain call (the work beside which page-locking runs,
 as loading the model is on the command line), and a capture with a new `--first` copier; then
 `--rounds` rounds of plain and each copier in turn, the previous capture dropped before the next
-(medians). `first × plain` divides by plain's median.
+(medians; `min`: the fastest round of each, against plain's fastest, as the host's noise makes some
+rounds far slower). `first × plain` divides by plain's median.
 For the first capture: bytes the copier carved from the pool and staged (no region ready yet), and
 the pool's regions made meanwhile. Pool diagnostics (first size): the pool's growth rate (GB/s,
 from empty, its default threads; per thread, split into touching the pages and registering them;
@@ -69,6 +70,8 @@ API_COLUMNS = [
     "config",
     "median_s",
     "x_plain",
+    "min_s",
+    "min_x_plain",
     "first_s",
     "first_x_plain",
     "first_staged_GB",
@@ -171,6 +174,8 @@ def api_size(pipe, spec, size: int, args, rows: list[dict], cuda: bool) -> dict:
     for name in names:
         row = dict(size=f"{size}²", config=name, median_s=median(times[name]))
         row["x_plain"] = row["median_s"] / base
+        row["min_s"] = min(times[name])
+        row["min_x_plain"] = row["min_s"] / min(times["plain"])
         if name == "plain":
             row.update(first_s=plain_first, first_x_plain=plain_first / base)
         if name == args.first:

@@ -13,11 +13,15 @@ configuration adds one stage of the capture path to the one before it:
   (no CUDA copy issued).
 - issue_only: AsyncCopier that issues the side-stream copies and records one event per group, with
   no background threads (the main thread waits for the events after the generation).
+- issue_on_device: issue_only with device destinations (the same calls; no PCIe transfer).
+- paced_dma: no capture; a hook on every 7th block copies 64 MiB of an unrelated device buffer to
+  page-locked host memory on a side stream (the capture's traffic alone, without its per-tensor work).
 - async: the default AsyncCopier (regions of the process's page-locked pool, the shared threads
   waiting for the events).
 Every configuration is warmed up once, then `--repeats` rounds run each configuration once in turn
 (so a drift of the machine hits all alike); `step_ms` is the median run divided by the
-steps; `launch_ms`: main-thread CPU time per step until the pipeline returns (before the final
+steps (`min_step_ms`/`min_ratio`: the fastest run, beside the median: the host's noise makes
+some runs far slower); `launch_ms`: main-thread CPU time per step until the pipeline returns (before the final
 device synchronisation, so spinning in it does not count); `in_hooks_ms`: wall time per step spent
 inside the trace's hooks (the copier's flushes included; the BlockTrace configurations);
 `bg_cpu_ms`: CPU time per step of all
@@ -57,6 +61,8 @@ COLUMNS = [
     "config",
     "step_ms",
     "ratio",
+    "min_step_ms",
+    "min_ratio",
     "launch_ms",
     "in_hooks_ms",
     "bg_cpu_ms",
@@ -100,6 +106,43 @@ class IssueOnly(AsyncCopier):
         for job in jobs:
             complete(job)
         super().synchronize()
+
+
+class IssueOnDevice(IssueOnly):
+    """IssueOnly with device destinations: the same copy calls, events and bookkeeping, but the
+    bytes stay in device memory (no PCIe transfer, no host memory written)."""
+
+    def _carve(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=self.dtype or t.dtype, device=t.device)
+
+
+@contextlib.contextmanager
+def paced_dma(transformer, every: int = 7, nbytes: int = 64 << 20):
+    """No capture: every `every`-th block's forward hook copies `nbytes` of an unrelated device
+    buffer to page-locked host memory on a side stream (the capture's traffic, without its
+    per-tensor work): does the transfer alone slow a launch-bound step?"""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    device = next(transformer.parameters()).device
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def hook(module, args, output):
+        if stream is None:
+            dst.copy_(src)
+            return
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    handles = [b.register_forward_hook(hook) for b in blocks[every - 1 :: every]]
+    try:
+        yield None
+    finally:
+        for h in handles:
+            h.remove()
+        if stream is not None:
+            stream.synchronize()
 
 
 class TimedTrace(BlockTrace):
@@ -164,6 +207,7 @@ def main() -> None:
     copiers = {
         "queue_only": QueueOnly(),
         "issue_only": IssueOnly(),
+        "issue_on_device": IssueOnDevice(),
         "async": AsyncCopier(),
     }
 
@@ -182,6 +226,7 @@ def main() -> None:
         "plain": contextlib.nullcontext,
         "noop_hooks": noop_hooks,
         "trace_keep": lambda: TimedTrace(pipe.transformer, copier=KeepOnDevice()),
+        "paced_dma": lambda: paced_dma(pipe.transformer),
         **{n: (lambda c=c: TimedTrace(pipe.transformer, copier=c)) for n, c in copiers.items()},
     }
     out = Path(args.out)
@@ -239,6 +284,7 @@ def main() -> None:
                     shape=shape,
                     config=name,
                     step_ms=1000 * med / steps,
+                    min_step_ms=1000 * min(times[name]) / steps,
                     launch_ms=1000 * sorted(launches[name])[repeats // 2] / steps,
                     in_hooks_ms=1000 * hook_s[name] / (steps * repeats),
                     bg_cpu_ms=1000 * bg[name] / (steps * repeats),
@@ -250,10 +296,11 @@ def main() -> None:
                 )
             )
             print(shape, name, f"{med:.3f}s", stats[name], flush=True)
-        base = next(r["_median"] for r in rows if r["shape"] == shape and r["config"] == "plain")
+        plain = next(r for r in rows if r["shape"] == shape and r["config"] == "plain")
         for r in rows:
             if r["shape"] == shape:
-                r["ratio"] = r["_median"] / base
+                r["ratio"] = r["_median"] / plain["_median"]
+                r["min_ratio"] = r["min_step_ms"] / plain["min_step_ms"]
         result["shapes"][shape] = res
         write_results(out, "capture_diag", result, rows, COLUMNS, NOTE)
         if not args.no_profile:
