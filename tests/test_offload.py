@@ -7,7 +7,7 @@ import torch
 from flux_ir.capture import run_capture
 from flux_ir.errors import InvalidArgumentError
 from flux_ir.lens import LensHead
-from flux_ir.models import REGISTRY, build_tiny_pipeline, load_pipeline
+from flux_ir.models import REGISTRY, build_random_pipeline, build_tiny_pipeline, load_pipeline
 from flux_ir.models.loading import GroupOffload, normalize_offload, place_pipeline
 
 from .conftest import small_opts
@@ -78,3 +78,32 @@ def test_lens_head_runs_on_the_gpu_after_offload(mode):
     run_capture(pipe, small_opts(num_steps=1))
     head = LensHead.from_pipeline(pipe)
     assert head.device.type == "cuda" and head.proj_out.weight.device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_offloaded_random_weights_are_kept_where_they_were_made():
+    """Random weights for group offloading: VAE and CLIP on the GPU, the transformer's and T5's
+    parameters in page-locked host memory that diffusers keeps as its offloaded copy (no second
+    copy), and captures equal to the pipeline's without offload."""
+    from .test_models import SMALL
+
+    spec = REGISTRY["flux-dev"]
+    build = dict(sizes=SMALL, init_device="cuda", seed=5)
+    pipe = build_random_pipeline(
+        spec, "cpu", torch.bfloat16, resident=GroupOffload().resident, host="pinned", **build
+    )
+    made = {n: p.data_ptr() for n, p in pipe.transformer.named_parameters()}
+    assert all(p.is_pinned() for p in pipe.transformer.parameters())
+    assert all(p.is_pinned() for p in pipe.text_encoder_2.parameters())
+    assert all(p.device.type == "cuda" for p in pipe.vae.parameters())
+    place_pipeline(pipe, "cuda", "group")
+    hook = pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook("group_offloading")
+    kept = {id(p): t.data_ptr() for p, t in hook.group.cpu_param_dict.items()}
+    block = pipe.transformer.transformer_blocks[0]
+    for name, p in block.named_parameters():
+        assert kept[id(p)] == made[f"transformer_blocks.0.{name}"], name
+    plain = build_random_pipeline(spec, "cuda", torch.bfloat16, **build)
+    opts = small_opts(num_steps=1)
+    _, cap = run_capture(pipe, opts)
+    _, ref = run_capture(plain, opts)
+    assert_same_capture(cap, ref)
