@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--points", type=int, default=None, help="points per timed sweep (64; 4)")
     p.add_argument(
         "--modes",
-        default="default,default+casts",
+        default="default",
         help="torch.compile modes, comma separated; MODE+casts: compile_pipeline(eager_casts=True); "
         "MODE+eager_vae: the transformer blocks alone",
     )
