@@ -232,21 +232,26 @@ class HostPool:
                 self._start_growers()
                 self._cond.notify_all()
 
-    def take(self, nbytes: int) -> np.ndarray | None:
-        """A view of the smallest free region of at least `nbytes`, or None (no waiting: the caller
-        stages its copy). A miss with nothing being made asks the growers for one region."""
+    def take(self, nbytes: int, wait: bool = False) -> np.ndarray | None:
+        """A view of the smallest free region of at least `nbytes`, or None: at once (a copier
+        stages its copy instead) or, with `wait`, once the pool can make no such region (budget
+        spent, out of memory). A miss with nothing being made asks the growers for one region."""
         with self._cond:
-            fits = [r for r in self._free if r.size >= nbytes]
-            if not fits:
-                self.stats["misses"] += 1
-                if self.demand:  # regions being made for a reservation must fit this tensor
-                    self.largest = max(self.largest, nbytes)
-                if not self.making and not self._sizes and self._want() <= 0:
-                    first = min(FIRST_REGION, self.region_bytes)
-                    self._sizes.append(round_up(max(nbytes + ALIGN, first), PAGE))
-                    self._start_growers()
-                    self._cond.notify_all()
-                return None
+            missed = False
+            while not (fits := [r for r in self._free if r.size >= nbytes]):
+                if not missed:
+                    missed = True
+                    self.stats["misses"] += 1
+                    if self.demand:  # regions being made for a reservation must fit this tensor
+                        self.largest = max(self.largest, nbytes)
+                    if not self.making and not self._sizes and self._want() <= 0:
+                        first = min(FIRST_REGION, self.region_bytes)
+                        self._sizes.append(round_up(max(nbytes + ALIGN, first), PAGE))
+                        self._start_growers()
+                        self._cond.notify_all()
+                if not wait or not (self.making or self._next_size()):
+                    return None
+                self._cond.wait()
             region = min(fits, key=lambda r: r.size)
             self._free.remove(region)
             self.live += region.size
@@ -463,25 +468,16 @@ class HostArena:
     def _next_region(self, nbytes: int) -> np.ndarray | None:
         """A free region of at least `nbytes`, waited for while the pool makes one; None when it
         can make none."""
-        pool = self.pool
         t0 = time.perf_counter()
-        try:
-            while True:
-                view = pool.take(nbytes)
-                if view is not None:
-                    got = min(self._asked, view.shape[0])
-                    if got:  # what this region covers is no longer asked of the pool
-                        self._asked -= got
-                        pool.reserve(-got)
-                    self.stats["regions"] += 1
-                    return view
-                with pool._cond:
-                    coming = pool.making or pool._next_size()
-                if not coming:
-                    return None
-                pool.wait_free(nbytes, timeout=0.05)
-        finally:
-            self.stats["wait_s"] += time.perf_counter() - t0
+        view = self.pool.take(nbytes, wait=True)
+        self.stats["wait_s"] += time.perf_counter() - t0
+        if view is not None:
+            got = min(self._asked, view.shape[0])
+            if got:  # what this region covers is no longer asked of the pool
+                self._asked -= got
+                self.pool.reserve(-got)
+            self.stats["regions"] += 1
+        return view
 
     def close(self) -> None:
         """End the ask and stop the pool without waiting for regions still being made (they are
